@@ -1,0 +1,5 @@
+"""tirelib: the library behind the tire-defect classification pipeline."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"

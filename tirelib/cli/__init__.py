@@ -1,0 +1,50 @@
+"""The ``tirelib`` command line: one Typer app, one module per command group.
+
+Every command calls the same library functions the Airflow tasks call, so each step of the
+pipeline runs without Airflow. Errors a user can cause (:class:`~tirelib.errors.TirelibError`)
+end with a one-line message on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import typer
+
+from tirelib.cli import data, stack
+from tirelib.errors import TirelibError
+from tirelib.settings import get_settings
+
+app = typer.Typer(
+    name="tirelib",
+    help="Tire-defect classification: local stack, data lake, training, registry, serving.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(stack.app, name="stack")
+app.add_typer(data.app, name="data")
+
+
+@app.callback()
+def _setup(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at DEBUG level."),
+) -> None:
+    """Configure logging once, at the entry point (never at import)."""
+    level = logging.DEBUG if verbose else getattr(logging, get_settings().log_level)
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    # Third-party clients are chatty at INFO; keep their warnings only.
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``tirelib`` script and ``python -m tirelib``."""
+    try:
+        app(args=argv, standalone_mode=True)
+    except TirelibError as error:
+        typer.secho(f"error: {error}", err=True, fg=typer.colors.RED)
+        raise SystemExit(2) from None

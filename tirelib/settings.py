@@ -1,0 +1,155 @@
+"""One settings object for every part of tirelib, read from the environment.
+
+Variables carry the ``TIRE_`` prefix (``TIRE_DATA_BUCKET``); the ecosystem's own variables are
+honoured as they are (``MLFLOW_TRACKING_URI``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
+``AWS_DEFAULT_REGION``, ``AIRFLOW_HOME``). Defaults describe the local stack on loopback, so a new
+user needs to set nothing; production sets the endpoint, buckets and credentials.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from tirelib.errors import ConfigurationError
+
+# S3's own rule for bucket names, shortened: 3-63 lowercase letters, digits, dots and hyphens.
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
+def _env(name: str, *ecosystem: str) -> AliasChoices:
+    """Accept ``TIRE_<NAME>`` first, then the ecosystem's own variable names."""
+    return AliasChoices(f"TIRE_{name}", *ecosystem)
+
+
+class Settings(BaseSettings):
+    """Where things are and how to reach them. Read once per process with :func:`get_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="TIRE_", extra="ignore", frozen=True, populate_by_name=True
+    )
+
+    home: Path = Field(
+        default=Path(".tire"),
+        description="Folder for the local stack's state and logs, and the default cache.",
+    )
+    cache_dir: Path | None = Field(
+        default=None, description="Content-addressed image cache; defaults to <home>/cache."
+    )
+    s3_endpoint_url: str | None = Field(
+        default="http://127.0.0.1:8333",
+        description="S3 endpoint. Empty means the provider's default (AWS).",
+    )
+    data_bucket: str = "tire-data"
+    artifact_bucket: str = "tire-mlflow"
+    s3_max_workers: int = Field(default=16, ge=1, le=256, description="Parallel S3 transfers.")
+    s3_max_attempts: int = Field(default=5, ge=1, le=20, description="botocore retry attempts.")
+
+    mlflow_tracking_uri: str = Field(
+        default="http://127.0.0.1:5000",
+        validation_alias=_env("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_URI"),
+    )
+    experiment: str = "tire-defect"
+    model_name: str = "tire-defect-classifier"
+
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL of the MLflow backend store (PostgreSQL)."
+    )
+    slack_webhook_url: SecretStr | None = None
+
+    aws_access_key_id: str | None = Field(
+        default=None, validation_alias=_env("AWS_ACCESS_KEY_ID", "AWS_ACCESS_KEY_ID")
+    )
+    aws_secret_access_key: SecretStr | None = Field(
+        default=None, validation_alias=_env("AWS_SECRET_ACCESS_KEY", "AWS_SECRET_ACCESS_KEY")
+    )
+    aws_default_region: str = Field(
+        default="us-east-1", validation_alias=_env("AWS_DEFAULT_REGION", "AWS_DEFAULT_REGION")
+    )
+    airflow_home: Path | None = Field(
+        default=None, validation_alias=_env("AIRFLOW_HOME", "AIRFLOW_HOME")
+    )
+
+    s3_port: int = Field(default=8333, ge=1, le=65535, description="Local S3 server's port.")
+    mlflow_port: int = Field(default=5000, ge=1, le=65535, description="Local MLflow's port.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("s3_endpoint_url", "database_url", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(f"must start with http:// or https://, got {value!r}")
+        return value.rstrip("/") if value else value
+
+    @field_validator("data_bucket", "artifact_bucket")
+    @classmethod
+    def _bucket_name(cls, value: str) -> str:
+        if not _BUCKET_RE.match(value):
+            raise ValueError(
+                f"{value!r} is not a valid S3 bucket name "
+                "(3-63 characters: lowercase letters, digits, '.' and '-')"
+            )
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("postgresql", "sqlite", "mysql")):
+            raise ValueError(
+                f"must be a SQLAlchemy URL (postgresql://, sqlite://, mysql://), got {value!r}"
+            )
+        return value
+
+    @property
+    def resolved_cache_dir(self) -> Path:
+        return self.cache_dir if self.cache_dir is not None else self.home / "cache"
+
+    @property
+    def stack_dir(self) -> Path:
+        return self.home / "stack"
+
+
+def _explain(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        field = str(item["loc"][0]) if item["loc"] else "?"
+        variable = f"TIRE_{field.upper()}"
+        lines.append(f"{variable}={item.get('input')!r}: {item['msg']}")
+    return "invalid settings:\n  " + "\n  ".join(lines)
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the settings from the environment, with ``overrides`` taking precedence.
+
+    Raises :class:`ConfigurationError` naming each bad variable and what it allows.
+    """
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as error:
+        raise ConfigurationError(_explain(error)) from error
+
+
+_cached: Settings | None = None
+
+
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment on first use."""
+    global _cached
+    if _cached is None:
+        _cached = load_settings()
+    return _cached
+
+
+def reset_settings() -> None:
+    """Forget the cached settings (tests and the CLI change the environment)."""
+    global _cached
+    _cached = None
