@@ -1,7 +1,118 @@
-"""`tirelib data`: commands of the data group."""
+"""``tirelib data``: make, upload, list and split dataset versions."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Annotated
+
 import typer
 
-app = typer.Typer(help="data commands.", no_args_is_help=True)
+from tirelib.data import list_versions, parse_ratios, split_version, upload_version
+from tirelib.settings import get_settings
+from tirelib.storage import ObjectStore
+
+app = typer.Typer(help="Dataset versions in the S3 data lake.", no_args_is_help=True)
+
+VersionOption = Annotated[
+    str, typer.Option("--version", help="Dataset version name, e.g. 2026-11-24 or v3.")
+]
+
+
+def _store() -> ObjectStore:
+    return ObjectStore.for_data(get_settings())
+
+
+@app.command()
+def synth(
+    out: Annotated[Path, typer.Option(help="Folder to write good/ and defective/ into.")],
+    count: Annotated[int, typer.Option(help="Number of images.")] = 1000,
+    seed: Annotated[
+        int, typer.Option(help="Random seed: the same seed gives the same images.")
+    ] = 0,
+    size: Annotated[int, typer.Option(help="Image side in pixels.")] = 128,
+    defect_ratio: Annotated[float, typer.Option(help="Share of defective tires.")] = 0.5,
+) -> None:
+    """Draw synthetic tire photos (tread, sidewall, lighting, noise; cracks, cuts, bulges, wear)."""
+    from tirelib.synth import generate
+
+    summary = generate(out, count, seed=seed, size=size, defect_ratio=defect_ratio, progress=True)
+    counts = ", ".join(f"{label}={n}" for label, n in summary.counts.items())
+    typer.echo(f"wrote {sum(summary.counts.values())} images to {out} ({counts})")
+
+
+@app.command()
+def upload(
+    src: Annotated[
+        Path,
+        typer.Argument(
+            exists=True, help="A folder of class folders (good/, defective/) or an annotation JSON."
+        ),
+    ],
+    version: VersionOption,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace a version that exists with other content.")
+    ] = False,
+) -> None:
+    """Upload a dataset version; ``_manifest.json`` is written last, when every image is there."""
+    settings = get_settings()
+    report = upload_version(
+        _store(), src, version, force=force, max_workers=settings.s3_max_workers
+    )
+    for item in report.skipped:
+        typer.secho(f"skipped {item.path}: {item.reason}", err=True, fg=typer.colors.YELLOW)
+    counts = ", ".join(f"{label}={n}" for label, n in report.counts.items())
+    where = f"s3://{settings.data_bucket}/raw/{version}/"
+    if report.already_complete:
+        typer.echo(f"version {version} is already in {where} with the same content ({counts})")
+    else:
+        typer.echo(
+            f"uploaded version {version} to {where}: {report.uploaded} sent, "
+            f"{report.unchanged} already there ({counts}); {len(report.skipped)} skipped"
+        )
+
+
+@app.command("list")
+def list_(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for programs.")] = False,
+) -> None:
+    """Every version with its counts per label, creation time and whether it was processed."""
+    versions = list_versions(_store(), max_workers=get_settings().s3_max_workers)
+    if as_json:
+        rows = [
+            {
+                "version": v.version,
+                "complete": v.complete,
+                "processed": v.processed,
+                "created_at": v.created_at,
+                "counts": v.counts,
+                "skipped": v.skipped,
+            }
+            for v in versions
+        ]
+        typer.echo(json.dumps(rows, indent=1))
+        return
+    if not versions:
+        typer.echo(f"no dataset versions in s3://{get_settings().data_bucket}/raw/")
+        return
+    typer.echo(f"{'VERSION':<24} {'CREATED':<21} {'IMAGES':>7}  {'STATE':<10} LABELS")
+    for v in versions:
+        state = "processed" if v.processed else ("new" if v.complete else "incomplete")
+        labels = " ".join(f"{label}={n}" for label, n in v.counts.items())
+        typer.echo(f"{v.version:<24} {v.created_at or '-':<21} {v.total:>7}  {state:<10} {labels}")
+
+
+@app.command()
+def split(
+    version: VersionOption,
+    ratios: Annotated[
+        str, typer.Option(help="Train, val and test fractions, summing to 1.")
+    ] = "0.7,0.15,0.15",
+) -> None:
+    """Write splits/<version>/{train,val,test}.json, decided by each image's content hash."""
+    settings = get_settings()
+    splits = split_version(_store(), version, parse_ratios(ratios))
+    for name, manifest in splits.items():
+        labels = " ".join(f"{label}={n}" for label, n in manifest.counts.items())
+        typer.echo(f"{name:<6} {len(manifest.records):>6}  {labels}")
+    typer.echo(f"wrote s3://{settings.data_bucket}/splits/{version}/{{train,val,test}}.json")

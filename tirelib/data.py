@@ -1,0 +1,654 @@
+"""Dataset versions in the data lake: upload, list, split, and read back for training.
+
+A version is the folder ``raw/<version>/`` with one sub-folder per label and a ``_manifest.json``
+written last, whose presence means the version is complete. Splits are decided by each image's
+sha256, so an image keeps its split in every version and the test set never leaks into training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
+
+from tirelib.errors import DataError, VersionExistsError
+from tirelib.storage import (
+    PROCESSED_PREFIX,
+    RAW_PREFIX,
+    ContentCache,
+    ObjectStore,
+    manifest_key,
+    processed_key,
+    raw_prefix,
+    split_key,
+)
+
+log = logging.getLogger(__name__)
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+SPLITS = ("train", "val", "test")
+DEFAULT_RATIOS = (0.7, 0.15, 0.15)
+MANIFEST_FORMAT = 1
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+_CONTENT_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
+
+
+def validate_name(value: str, what: str = "version") -> str:
+    """Return ``value`` when it is a valid version or label name, else raise :class:`DataError`."""
+    if not NAME_RE.match(value):
+        raise DataError(
+            f"invalid {what} name {value!r}: use letters, digits, '.', '_' and '-', "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+def class_order(labels: Iterable[str]) -> list[str]:
+    """The class index order: ``good`` first (index 0), then the other labels sorted."""
+    return sorted(set(labels), key=lambda label: (label != "good", label))
+
+
+def check_image(data: bytes) -> str | None:
+    """Why ``data`` is not a usable image, or None when it decodes in full."""
+    if not data:
+        return "zero-byte file"
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()
+        # verify() checks the structure only; a full decode catches truncated pixel data.
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+    except UnidentifiedImageError:
+        return "not an image"
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        return f"not decodable ({error})"
+    return None
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image of a version: its key in the bucket, label, content hash and size."""
+
+    key: str
+    label: str
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A source file left out of a version, and why."""
+
+    path: str
+    reason: str
+
+
+@dataclass
+class Manifest:
+    """``raw/<version>/_manifest.json``: the complete content of a version."""
+
+    version: str
+    created_at: str
+    records: list[Record]
+    skipped: list[Skipped] = field(default_factory=list)
+    source: str = ""
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return dict(sorted(Counter(r.label for r in self.records).items()))
+
+    def content(self) -> set[tuple[str, str]]:
+        return {(r.key, r.sha256) for r in self.records}
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": MANIFEST_FORMAT,
+            "version": self.version,
+            "created_at": self.created_at,
+            "source": self.source,
+            "labels": self.counts,
+            "objects": [asdict(r) for r in self.records],
+            "skipped": [asdict(s) for s in self.skipped],
+        }
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> Manifest:
+        try:
+            return cls(
+                version=value["version"],
+                created_at=value["created_at"],
+                records=[Record(**item) for item in value["objects"]],
+                skipped=[Skipped(**item) for item in value.get("skipped", [])],
+                source=value.get("source", ""),
+            )
+        except (KeyError, TypeError) as error:
+            raise DataError(f"malformed manifest: missing or unexpected field {error}") from error
+
+
+# --- reading a source folder or annotation file ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class LocalImage:
+    """A source image checked and hashed; its bytes are read again when it is sent."""
+
+    path: Path
+    label: str
+    name: str  # file name below the label folder in the bucket
+    sha256: str
+    md5: str
+    size: int
+
+    @classmethod
+    def read(cls, path: Path, label: str, name: str) -> LocalImage | Skipped:
+        """Hash and decode-check ``path``; a :class:`Skipped` says why it is not usable."""
+        data = path.read_bytes()
+        reason = check_image(data)
+        if reason:
+            return Skipped(f"{label}/{name}", reason)
+        return cls(path, label, name, hashlib.sha256(data).hexdigest(), _md5(data), len(data))
+
+
+def _is_hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A file a source names, before it is read: where it is, its label, its name in the lake."""
+
+    path: Path
+    label: str
+    name: str
+
+
+def scan_folder(root: Path) -> tuple[list[Candidate], list[Skipped]]:
+    """Files below ``root/<label>/``; hidden files are skipped with a reason."""
+    candidates: list[Candidate] = []
+    skipped: list[Skipped] = []
+    label_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not label_dirs:
+        raise DataError(
+            f"{root} has no class folders: expected one folder per label (good/, defective/, ...)"
+        )
+    for label_dir in label_dirs:
+        label = validate_name(label_dir.name, "label")
+        for path in sorted(p for p in label_dir.rglob("*") if p.is_file()):
+            if _is_hidden(path, root):
+                skipped.append(Skipped(path.relative_to(root).as_posix(), "hidden file"))
+                continue
+            candidates.append(Candidate(path, label, path.relative_to(label_dir).as_posix()))
+    return candidates, skipped
+
+
+def scan_annotation(path: Path) -> tuple[list[Candidate], list[Skipped]]:
+    """Files listed in the earlier system's annotation JSON.
+
+    The format is ``{"annotation": {"data": [{"FilePath": ..., "label_value": ...}]}}``;
+    relative paths are relative to the JSON file's folder.
+    """
+    try:
+        entries = json.loads(path.read_text())["annotation"]["data"]
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DataError(f"{path} is not valid JSON: {error}") from error
+    except (KeyError, TypeError) as error:
+        raise DataError(
+            f"{path} is not an annotation file: expected "
+            '{"annotation": {"data": [{"FilePath": ..., "label_value": ...}]}}'
+        ) from error
+    candidates: list[Candidate] = []
+    skipped: list[Skipped] = []
+    for index, entry in enumerate(entries):
+        try:
+            file_path, label = str(entry["FilePath"]), str(entry["label_value"])
+        except (KeyError, TypeError):
+            skipped.append(Skipped(f"entry {index}", "no FilePath or label_value"))
+            continue
+        label = validate_name(label, "label")
+        source = Path(file_path)
+        if not source.is_absolute():
+            source = path.parent / source
+        if source.name.startswith("."):
+            skipped.append(Skipped(file_path, "hidden file"))
+        elif not source.is_file():
+            skipped.append(Skipped(file_path, "file not found"))
+        else:
+            candidates.append(Candidate(source, label, source.name))
+    return candidates, skipped
+
+
+def _unique_names(images: list[LocalImage]) -> list[LocalImage]:
+    """Two different files with one name under one label (annotation sources): keep both."""
+    seen: dict[tuple[str, str], str] = {}
+    result = []
+    for image in images:
+        if seen.setdefault((image.label, image.name), image.sha256) != image.sha256:
+            stem, dot, suffix = image.name.rpartition(".")
+            name = (
+                f"{stem}-{image.sha256[:8]}{dot}{suffix}" if dot else f"{suffix}-{image.sha256[:8]}"
+            )
+            image = replace(image, name=name)
+        result.append(image)
+    return result
+
+
+def scan_source(src: Path, *, max_workers: int = 4) -> tuple[list[LocalImage], list[Skipped], str]:
+    """Read a folder of class folders or an annotation JSON; skip what is not an image."""
+    if src.is_dir():
+        candidates, skipped = scan_folder(src)
+        kind = "folder"
+    elif src.is_file() and src.suffix.lower() == ".json":
+        candidates, skipped = scan_annotation(src)
+        kind = "annotation"
+    else:
+        raise DataError(f"{src} is neither a folder of class folders nor an annotation .json file")
+    images: list[LocalImage] = []
+    with ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="scan") as pool:
+        for result in pool.map(lambda c: LocalImage.read(c.path, c.label, c.name), candidates):
+            if isinstance(result, Skipped):
+                skipped.append(result)
+            else:
+                images.append(result)
+    for item in skipped:
+        log.warning("skipped %s: %s", item.path, item.reason)
+    return _unique_names(images), skipped, kind
+
+
+# --- uploading -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UploadReport:
+    version: str
+    uploaded: int
+    unchanged: int
+    counts: dict[str, int]
+    skipped: list[Skipped]
+    already_complete: bool = False
+
+
+def _md5(data: bytes) -> str:
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def upload_version(
+    store: ObjectStore,
+    src: Path,
+    version: str,
+    *,
+    force: bool = False,
+    max_workers: int = 16,
+    progress: bool | None = None,
+) -> UploadReport:
+    """Upload ``src`` as dataset version ``version``, writing ``_manifest.json`` last.
+
+    Uploading the same content again changes nothing. A version that exists with different
+    content is refused unless ``force``, which replaces it (and forgets its splits and processed
+    marker, so the pipeline runs on it again). Objects already there with the same bytes are not
+    sent again, so an interrupted upload resumes where it stopped.
+    """
+    validate_name(version)
+    images, skipped, kind = scan_source(src)
+    if not images:
+        raise DataError(f"{src} holds no usable images ({len(skipped)} skipped)")
+    prefix = raw_prefix(version)
+    records = [
+        Record(f"{prefix}{image.label}/{image.name}", image.label, image.sha256, image.size)
+        for image in images
+    ]
+    manifest = Manifest(version, _now(), records, skipped, kind)
+
+    if store.exists(manifest_key(version)):
+        existing = Manifest.from_json(store.get_json(manifest_key(version)))
+        if existing.content() == manifest.content():
+            log.info("version %s is already uploaded with the same content", version)
+            return UploadReport(version, 0, len(records), manifest.counts, skipped, True)
+        if not force:
+            raise VersionExistsError(
+                f"version {version!r} already exists with different content "
+                f"({len(existing.records)} images there, {len(records)} here); "
+                "choose a new version name or pass --force to replace it"
+            )
+        log.warning("replacing version %s (--force)", version)
+        # Incomplete from here on, so a sensor never sees a half-replaced version.
+        store.delete([manifest_key(version), processed_key(version)])
+        store.delete(split_key(version, s) for s in SPLITS)
+
+    present = {o.key: o for o in store.iter_objects(prefix)}
+    wanted = {r.key for r in records}
+    todo: list[tuple[Record, LocalImage]] = []
+    for record, image in zip(records, images, strict=True):
+        there = present.get(record.key)
+        # A single-part upload's ETag is the MD5 of its bytes: equal means already sent.
+        if there and there.size == record.size and there.etag == image.md5:
+            continue
+        todo.append((record, image))
+    stale = [key for key in present if key not in wanted and key != manifest_key(version)]
+    if stale:
+        store.delete(stale)
+
+    def send(record: Record, image: LocalImage) -> None:
+        content_type = _CONTENT_TYPES.get(image.path.suffix.lower(), "application/octet-stream")
+        data = image.path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != record.sha256:
+            raise DataError(f"{image.path} changed while it was being uploaded; upload again")
+        store.put_bytes(record.key, data, content_type)
+
+    disable = None if progress is None else not progress
+    with (
+        ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="upload") as pool,
+        tqdm(total=len(todo), desc=f"upload {version}", unit="img", disable=disable) as bar,
+    ):
+        for future in as_completed([pool.submit(send, r, i) for r, i in todo]):
+            future.result()
+            bar.update()
+    store.put_json(manifest_key(version), manifest.to_json())
+    log.info(
+        "uploaded version %s: %d sent, %d already there",
+        version,
+        len(todo),
+        len(records) - len(todo),
+    )
+    return UploadReport(version, len(todo), len(records) - len(todo), manifest.counts, skipped)
+
+
+# --- listing -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    version: str
+    complete: bool
+    processed: bool
+    created_at: str | None = None
+    counts: dict[str, int] = field(default_factory=dict)
+    skipped: int = 0
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+def read_manifest(store: ObjectStore, version: str) -> Manifest:
+    validate_name(version)
+    if not store.exists(manifest_key(version)):
+        raise DataError(
+            f"dataset version {version!r} not found (no {manifest_key(version)} in "
+            f"s3://{store.bucket}); `tirelib data list` shows the versions there are"
+        )
+    return Manifest.from_json(store.get_json(manifest_key(version)))
+
+
+def processed_versions(store: ObjectStore) -> set[str]:
+    return {
+        o.key.removeprefix(PROCESSED_PREFIX).removesuffix(".json")
+        for o in store.iter_objects(PROCESSED_PREFIX)
+    }
+
+
+def list_versions(store: ObjectStore, *, max_workers: int = 8) -> list[VersionInfo]:
+    """Every version in the lake, complete or not, with counts per label, oldest first."""
+    names = [p.removeprefix(RAW_PREFIX).rstrip("/") for p in store.iter_prefixes(RAW_PREFIX)]
+    processed = processed_versions(store)
+
+    def info(name: str) -> VersionInfo:
+        if not store.exists(manifest_key(name)):
+            return VersionInfo(name, complete=False, processed=name in processed)
+        manifest = Manifest.from_json(store.get_json(manifest_key(name)))
+        return VersionInfo(
+            name,
+            True,
+            name in processed,
+            manifest.created_at,
+            manifest.counts,
+            len(manifest.skipped),
+        )
+
+    with ThreadPoolExecutor(max_workers=max_workers) as pool:
+        infos = list(pool.map(info, names))
+    return sorted(infos, key=lambda i: (i.created_at or "9999", i.version))
+
+
+def mark_processed(store: ObjectStore, version: str, summary: dict[str, Any]) -> None:
+    """Record that the pipeline has finished with ``version`` (what the sensor checks)."""
+    store.put_json(processed_key(version), {"version": version, "processed_at": _now(), **summary})
+
+
+# --- splitting -----------------------------------------------------------------------------
+
+
+def parse_ratios(text: str) -> tuple[float, float, float]:
+    """Parse ``"0.7,0.15,0.15"``: three positive fractions for train, val and test summing to 1."""
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError as error:
+        raise DataError(
+            f"invalid ratios {text!r}: expected three numbers like 0.7,0.15,0.15"
+        ) from error
+    return check_ratios(values)
+
+
+def check_ratios(values: Sequence[float]) -> tuple[float, float, float]:
+    if len(values) != 3 or any(not 0 < v < 1 for v in values) or abs(sum(values) - 1) > 1e-6:
+        raise DataError(
+            f"invalid ratios {list(values)}: expected three fractions between 0 and 1 "
+            "(train, val, test) that sum to 1, like 0.7,0.15,0.15"
+        )
+    return (values[0], values[1], values[2])
+
+
+def assign_split(sha256: str, ratios: Sequence[float] = DEFAULT_RATIOS) -> str:
+    """The split of an image, decided by its content hash alone.
+
+    The first 64 bits of the sha256 give a uniform number in [0, 1); the ratios cut that range.
+    Within each label this is a uniform draw, so splits are stratified in expectation, and an
+    image never changes split as versions accumulate.
+    """
+    point = int(sha256[:16], 16) / 2**64
+    if point < ratios[0]:
+        return "train"
+    if point < ratios[0] + ratios[1]:
+        return "val"
+    return "test"
+
+
+@dataclass
+class SplitManifest:
+    """``splits/<version>/<split>.json``."""
+
+    version: str
+    split: str
+    classes: list[str]
+    records: list[Record]
+    ratios: tuple[float, float, float] = DEFAULT_RATIOS
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return dict(sorted(Counter(r.label for r in self.records).items()))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": MANIFEST_FORMAT,
+            "version": self.version,
+            "split": self.split,
+            "classes": self.classes,
+            "ratios": list(self.ratios),
+            "labels": self.counts,
+            "objects": [asdict(r) for r in self.records],
+        }
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> SplitManifest:
+        try:
+            ratios = value.get("ratios", DEFAULT_RATIOS)
+            return cls(
+                value["version"],
+                value["split"],
+                list(value["classes"]),
+                [Record(**item) for item in value["objects"]],
+                (ratios[0], ratios[1], ratios[2]),
+            )
+        except (KeyError, TypeError, IndexError) as error:
+            raise DataError(f"malformed split manifest: {error}") from error
+
+
+def make_splits(
+    manifest: Manifest,
+    ratios: Sequence[float] = DEFAULT_RATIOS,
+    *,
+    min_per_label: int = 1,
+) -> dict[str, SplitManifest]:
+    """Split a version by content hash; refuse data that would give meaningless splits."""
+    ratios = check_ratios(ratios)
+    classes = class_order(r.label for r in manifest.records)
+    if len(classes) < 2:
+        raise DataError(
+            f"version {manifest.version!r} has {len(classes)} label(s) {classes}: "
+            "a classifier needs at least two (good/ and defective/)"
+        )
+    labels_by_hash: dict[str, set[str]] = {}
+    for record in manifest.records:
+        labels_by_hash.setdefault(record.sha256, set()).add(record.label)
+    conflicts = {sha: labels for sha, labels in labels_by_hash.items() if len(labels) > 1}
+    if conflicts:
+        examples = [f"{r.key} ({r.label})" for r in manifest.records if r.sha256 in conflicts][:6]
+        raise DataError(
+            f"{len(conflicts)} image(s) appear under more than one label in version "
+            f"{manifest.version!r}: {', '.join(examples)}; fix the labels and upload again"
+        )
+    # One copy of each image: duplicates would only weigh it more.
+    unique = {r.sha256: r for r in sorted(manifest.records, key=lambda r: r.key)}
+    parts: dict[str, list[Record]] = {s: [] for s in SPLITS}
+    for record in sorted(unique.values(), key=lambda r: r.key):
+        parts[assign_split(record.sha256, ratios)].append(record)
+    problems = []
+    for split, records in parts.items():
+        counts = Counter(r.label for r in records)
+        for label in classes:
+            if counts[label] < min_per_label:
+                problems.append(f"{split} has {counts[label]} '{label}' image(s)")
+    if problems:
+        raise DataError(
+            f"version {manifest.version!r} is too small to split with ratios {list(ratios)}: "
+            f"{'; '.join(problems)} (at least {min_per_label} of each label per split needed; "
+            "add images or change --ratios)"
+        )
+    return {s: SplitManifest(manifest.version, s, classes, parts[s], ratios) for s in SPLITS}
+
+
+def split_version(
+    store: ObjectStore,
+    version: str,
+    ratios: Sequence[float] = DEFAULT_RATIOS,
+    *,
+    min_per_label: int = 1,
+) -> dict[str, SplitManifest]:
+    """Write ``splits/<version>/{train,val,test}.json`` and return them."""
+    splits = make_splits(read_manifest(store, version), ratios, min_per_label=min_per_label)
+    for split, manifest in splits.items():
+        store.put_json(split_key(version, split), manifest.to_json())
+    log.info("split %s: %s", version, ", ".join(f"{s}={len(m.records)}" for s, m in splits.items()))
+    return splits
+
+
+def read_split(store: ObjectStore, version: str, split: str) -> SplitManifest:
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    key = split_key(version, split)
+    if not store.exists(key):
+        raise DataError(
+            f"version {version!r} has no {split} split yet; "
+            f"run `tirelib data split --version {version}`"
+        )
+    return SplitManifest.from_json(store.get_json(key))
+
+
+def ensure_splits(
+    store: ObjectStore, version: str, ratios: Sequence[float] = DEFAULT_RATIOS
+) -> dict[str, SplitManifest]:
+    """The version's splits, making them first when they do not exist yet."""
+    if all(store.exists(split_key(version, s)) for s in SPLITS):
+        return {s: read_split(store, version, s) for s in SPLITS}
+    return split_version(store, version, ratios)
+
+
+# --- reading for training ------------------------------------------------------------------
+
+
+class TireImageDataset:
+    """A map-style dataset over a split, read from the local content cache.
+
+    ``DataLoader`` needs only ``__len__`` and ``__getitem__``. Items are ``(transform(image),
+    class_index)`` with the image decoded as RGB from the cache; :meth:`prepare` downloads
+    what is missing first, so an epoch never touches the network.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[Record],
+        classes: Sequence[str],
+        cache: ContentCache,
+        transform: Callable[[Image.Image], Any] | None = None,
+    ) -> None:
+        unknown = {r.label for r in records} - set(classes)
+        if unknown:
+            raise DataError(f"labels {sorted(unknown)} are not among the classes {list(classes)}")
+        self.records = list(records)
+        self.classes = list(classes)
+        self.class_to_index = {name: i for i, name in enumerate(classes)}
+        self.cache = cache
+        self.transform = transform
+
+    @classmethod
+    def from_split(
+        cls,
+        split: SplitManifest,
+        cache: ContentCache,
+        transform: Callable[[Image.Image], Any] | None = None,
+    ) -> TireImageDataset:
+        return cls(split.records, split.classes, cache, transform)
+
+    def prepare(
+        self, store: ObjectStore, *, max_workers: int = 16, progress: bool | None = None
+    ) -> None:
+        """Download the images not in the cache yet (parallel, checksummed)."""
+        self.cache.fetch(
+            store,
+            ((r.key, r.sha256) for r in self.records),
+            max_workers=max_workers,
+            progress=progress,
+        )
+
+    @property
+    def targets(self) -> list[int]:
+        return [self.class_to_index[r.label] for r in self.records]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        record = self.records[index]
+        path = self.cache.path(record.sha256)
+        try:
+            with Image.open(path) as raw:
+                image = raw.convert("RGB")
+        except FileNotFoundError as error:
+            raise DataError(f"{record.key} is not in the cache; call prepare() first") from error
+        target = self.class_to_index[record.label]
+        return (self.transform(image) if self.transform else image), target

@@ -1,0 +1,286 @@
+"""S3 access and the local content-addressed cache.
+
+The data lake's layout (``raw/<version>/<label>/<file>``, ``raw/<version>/_manifest.json``,
+``splits/<version>/<split>.json``, ``state/processed/<version>.json``) is spelled out once here;
+every other module asks this one for keys. Listing always paginates: a bare ``list_objects``
+stops at 1,000 keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import boto3
+from botocore import UNSIGNED
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+from tqdm.auto import tqdm
+
+from tirelib.errors import DataError, StorageError
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+    from tirelib.settings import Settings
+
+log = logging.getLogger(__name__)
+
+RAW_PREFIX = "raw/"
+SPLITS_PREFIX = "splits/"
+PROCESSED_PREFIX = "state/processed/"
+MANIFEST_NAME = "_manifest.json"
+
+
+def raw_prefix(version: str) -> str:
+    return f"{RAW_PREFIX}{version}/"
+
+
+def manifest_key(version: str) -> str:
+    return f"{RAW_PREFIX}{version}/{MANIFEST_NAME}"
+
+
+def split_key(version: str, split: str) -> str:
+    return f"{SPLITS_PREFIX}{version}/{split}.json"
+
+
+def processed_key(version: str) -> str:
+    return f"{PROCESSED_PREFIX}{version}.json"
+
+
+def s3_client(settings: Settings) -> S3Client:
+    """A boto3 S3 client for the configured endpoint, with botocore's standard retries.
+
+    Credentials come from the settings when set, else from boto3's own chain (environment,
+    shared files, instance roles); with none anywhere, requests go unsigned, which an open
+    local server or a public bucket accepts.
+    """
+    session = boto3.session.Session(
+        aws_access_key_id=settings.aws_access_key_id,
+        aws_secret_access_key=(
+            settings.aws_secret_access_key.get_secret_value()
+            if settings.aws_secret_access_key
+            else None
+        ),
+        region_name=settings.aws_default_region,
+    )
+    config = Config(
+        retries={"mode": "standard", "max_attempts": settings.s3_max_attempts},
+        max_pool_connections=max(10, settings.s3_max_workers * 2),
+        connect_timeout=5,
+        read_timeout=60,
+        # S3-compatible stores (SeaweedFS, older MinIO) reject the newer default checksums.
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+        s3={"addressing_style": "path"},
+    )
+    if session.get_credentials() is None:
+        config = config.merge(Config(signature_version=UNSIGNED))
+    return session.client("s3", endpoint_url=settings.s3_endpoint_url, config=config)
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    etag: str
+
+
+class ObjectStore:
+    """One bucket of an S3 store, with the few operations the pipeline needs."""
+
+    def __init__(self, client: S3Client, bucket: str) -> None:
+        self.client = client
+        self.bucket = bucket
+
+    @classmethod
+    def for_data(cls, settings: Settings) -> ObjectStore:
+        """The data lake bucket (``TIRE_DATA_BUCKET``)."""
+        return cls(s3_client(settings), settings.data_bucket)
+
+    def _fail(self, action: str, key: str, error: Exception) -> StorageError:
+        return StorageError(f"could not {action} s3://{self.bucket}/{key}: {error}")
+
+    def iter_objects(self, prefix: str) -> Iterator[ObjectInfo]:
+        """Every object below ``prefix``, page by page."""
+        paginator = self.client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+                for item in page.get("Contents", []):
+                    yield ObjectInfo(item["Key"], item["Size"], item["ETag"].strip('"'))
+        except (ClientError, BotoCoreError) as error:
+            raise self._fail("list", prefix, error) from error
+
+    def iter_prefixes(self, prefix: str) -> Iterator[str]:
+        """The immediate "folders" below ``prefix`` (common prefixes), page by page."""
+        paginator = self.client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix, Delimiter="/"):
+                for item in page.get("CommonPrefixes", []):
+                    yield item["Prefix"]
+        except (ClientError, BotoCoreError) as error:
+            raise self._fail("list", prefix, error) from error
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=key)
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") in {"404", "NoSuchKey", "NotFound"}:
+                return False
+            raise self._fail("read", key, error) from error
+        except BotoCoreError as error:
+            raise self._fail("read", key, error) from error
+        return True
+
+    def get_bytes(self, key: str) -> bytes:
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
+            return body.read()
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") in {"404", "NoSuchKey", "NotFound"}:
+                raise DataError(f"s3://{self.bucket}/{key} does not exist") from error
+            raise self._fail("read", key, error) from error
+        except BotoCoreError as error:
+            raise self._fail("read", key, error) from error
+
+    def put_bytes(
+        self, key: str, data: bytes, content_type: str = "application/octet-stream"
+    ) -> None:
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
+        except (ClientError, BotoCoreError) as error:
+            raise self._fail("write", key, error) from error
+
+    def get_json(self, key: str) -> Any:
+        data = self.get_bytes(key)
+        try:
+            return json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise DataError(f"s3://{self.bucket}/{key} is not valid JSON: {error}") from error
+
+    def put_json(self, key: str, value: Any) -> None:
+        body = json.dumps(value, indent=1, sort_keys=True).encode()
+        self.put_bytes(key, body, "application/json")
+
+    def delete(self, keys: Iterable[str]) -> int:
+        """Delete ``keys`` in batches of 1,000 (S3's limit per request); returns the count."""
+        batch: list[str] = []
+        count = 0
+        for key in keys:
+            batch.append(key)
+            if len(batch) == 1000:
+                count += self._delete_batch(batch)
+                batch = []
+        if batch:
+            count += self._delete_batch(batch)
+        return count
+
+    def _delete_batch(self, keys: list[str]) -> int:
+        try:
+            self.client.delete_objects(
+                Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in keys], "Quiet": True}
+            )
+        except (ClientError, BotoCoreError) as error:
+            raise self._fail("delete", keys[0], error) from error
+        return len(keys)
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class FetchReport:
+    """What :meth:`ContentCache.fetch` did: how many objects it downloaded and how many it had."""
+
+    downloaded: int
+    cached: int
+    bytes_downloaded: int
+
+
+class ContentCache:
+    """Images stored once by their sha256, so no epoch or run downloads the same bytes twice."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path(self, sha256: str) -> Path:
+        return self.root / "sha256" / sha256[:2] / sha256
+
+    def has(self, sha256: str) -> bool:
+        return self.path(sha256).is_file()
+
+    def put(self, sha256: str, data: bytes, *, source: str = "") -> Path:
+        """Store ``data`` under its hash after checking it; atomic, a crash leaves no half file."""
+        actual = sha256_hex(data)
+        if actual != sha256:
+            raise DataError(
+                f"checksum mismatch for {source or 'an object'}: the manifest says {sha256}, "
+                f"the bytes hash to {actual}; the object changed after the manifest was written"
+            )
+        target = self.path(sha256)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".part-")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            Path(tmp).replace(target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return target
+
+    def fetch(
+        self,
+        store: ObjectStore,
+        items: Iterable[tuple[str, str]],
+        *,
+        max_workers: int = 16,
+        progress: bool | None = None,
+    ) -> FetchReport:
+        """Download every ``(key, sha256)`` not cached yet, in parallel, verifying each hash.
+
+        ``progress=None`` shows a bar only on a terminal.
+        """
+        missing: dict[str, str] = {}
+        cached = 0
+        for key, sha in items:
+            if sha in missing:
+                continue
+            if self.has(sha):
+                cached += 1
+            else:
+                missing[sha] = key
+        if not missing:
+            return FetchReport(downloaded=0, cached=cached, bytes_downloaded=0)
+
+        def download(sha: str, key: str) -> int:
+            data = store.get_bytes(key)
+            self.put(sha, data, source=f"s3://{store.bucket}/{key}")
+            return len(data)
+
+        total = 0
+        disable = None if progress is None else not progress
+        with (
+            ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="fetch") as pool,
+            tqdm(total=len(missing), desc="download", unit="img", disable=disable) as bar,
+        ):
+            futures = [pool.submit(download, sha, key) for sha, key in missing.items()]
+            for future in as_completed(futures):
+                total += future.result()
+                bar.update()
+        log.info(
+            "cache: downloaded %d objects (%d bytes), %d already cached",
+            len(missing),
+            total,
+            cached,
+        )
+        return FetchReport(downloaded=len(missing), cached=cached, bytes_downloaded=total)
