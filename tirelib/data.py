@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
-from tqdm.auto import tqdm
 
 from tirelib.errors import DataError, VersionExistsError
+from tirelib.progress import progress_bar
 from tirelib.storage import (
     PROCESSED_PREFIX,
     RAW_PREFIX,
@@ -350,10 +350,11 @@ def upload_version(
             raise DataError(f"{image.path} changed while it was being uploaded; upload again")
         store.put_bytes(record.key, data, content_type)
 
-    disable = None if progress is None else not progress
     with (
         ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="upload") as pool,
-        tqdm(total=len(todo), desc=f"upload {version}", unit="img", disable=disable) as bar,
+        progress_bar(
+            total=len(todo), desc=f"upload {version}", unit="img", enabled=progress
+        ) as bar,
     ):
         for future in as_completed([pool.submit(send, r, i) for r, i in todo]):
             future.result()

@@ -23,9 +23,9 @@ import boto3
 from botocore import UNSIGNED
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
-from tqdm.auto import tqdm
 
 from tirelib.errors import DataError, StorageError
+from tirelib.progress import progress_bar
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -268,10 +268,9 @@ class ContentCache:
             return len(data)
 
         total = 0
-        disable = None if progress is None else not progress
         with (
             ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="fetch") as pool,
-            tqdm(total=len(missing), desc="download", unit="img", disable=disable) as bar,
+            progress_bar(total=len(missing), desc="download", unit="img", enabled=progress) as bar,
         ):
             futures = [pool.submit(download, sha, key) for sha, key in missing.items()]
             for future in as_completed(futures):

@@ -12,7 +12,7 @@ import sys
 
 import typer
 
-from tirelib.cli import data, stack
+from tirelib.cli import data, stack, train
 from tirelib.errors import TirelibError
 from tirelib.settings import get_settings
 
@@ -25,6 +25,30 @@ app = typer.Typer(
 )
 app.add_typer(stack.app, name="stack")
 app.add_typer(data.app, name="data")
+app.command()(train.train)
+app.command()(train.evaluate)
+app.command()(train.models)
+
+# The earlier system's commands: `python -m tirelib Train --dataset_version split_1 ...`.
+LEGACY_COMMANDS = {"Train": ["train"]}
+
+
+def translate_legacy(argv: list[str]) -> list[str]:
+    """Map the earlier system's spelling (``Train --model_type cnn``) onto today's commands."""
+    if not argv or argv[0] not in LEGACY_COMMANDS:
+        return argv
+    rest = [
+        arg.replace("_", "-") if arg.startswith("--") and "=" not in arg else _legacy_eq(arg)
+        for arg in argv[1:]
+    ]
+    return [*LEGACY_COMMANDS[argv[0]], *rest]
+
+
+def _legacy_eq(arg: str) -> str:
+    if arg.startswith("--"):
+        name, _, value = arg.partition("=")
+        return f"{name.replace('_', '-')}={value}"
+    return arg
 
 
 @app.callback()
@@ -43,8 +67,9 @@ def _setup(
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``tirelib`` script and ``python -m tirelib``."""
+    args = translate_legacy(list(sys.argv[1:] if argv is None else argv))
     try:
-        app(args=argv, standalone_mode=True)
+        app(args=args, standalone_mode=True)
     except TirelibError as error:
         typer.secho(f"error: {error}", err=True, fg=typer.colors.RED)
         raise SystemExit(2) from None

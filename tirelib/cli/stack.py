@@ -1,7 +1,52 @@
-"""`tirelib stack`: commands of the stack group."""
+"""`tirelib stack`: start, stop and inspect the local servers (SeaweedFS S3, MLflow).
+
+State lives in ``<TIRE_HOME>/stack``: one pid file per server and its log in ``logs/``.
+``status`` exits 0 when every server runs and answers, 1 otherwise, so scripts can wait on it.
+"""
 
 from __future__ import annotations
 
 import typer
 
-app = typer.Typer(help="stack commands.", no_args_is_help=True)
+from tirelib.settings import get_settings
+from tirelib.stack import ComponentStatus, Stack
+
+app = typer.Typer(
+    help="Start, stop and inspect the local stack (SeaweedFS S3, MLflow) on 127.0.0.1.",
+    no_args_is_help=True,
+)
+
+
+def _line(status: ComponentStatus, state: str) -> str:
+    return f"{status.title:<16} {status.url:<24} {state}"
+
+
+@app.command()
+def up() -> None:
+    """Start the servers that are not running and wait until each answers."""
+    stack = Stack(get_settings())
+    for status in stack.up():
+        typer.echo(_line(status, status.describe()))
+    typer.echo(f"logs: {stack.settings.stack_dir / 'logs'}")
+    exports = stack.exports()
+    if exports:
+        typer.echo("to use this stack from a shell, export:")
+        for name, value in exports.items():
+            typer.echo(f"  export {name}={value}")
+
+
+@app.command()
+def down() -> None:
+    """Stop the servers, last started first (by the pids they were started with)."""
+    for status, pid in Stack(get_settings()).down():
+        state = f"stopped (pid {pid})" if pid is not None else "was not running"
+        typer.echo(_line(status, state))
+
+
+@app.command()
+def status() -> None:
+    """Show each server's state; exit 0 when all run and answer, else 1."""
+    statuses = Stack(get_settings()).status()
+    for item in statuses:
+        typer.echo(_line(item, item.describe()))
+    raise typer.Exit(0 if all(item.up for item in statuses) else 1)

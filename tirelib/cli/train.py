@@ -1,0 +1,119 @@
+"""``tirelib train``, ``tirelib evaluate`` and ``tirelib models``."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from tirelib.settings import get_settings
+
+
+def models() -> None:
+    """List the model architectures with their default input size and parameter count."""
+    from tirelib.models import ALIASES, count_parameters, get_model, get_spec, list_models
+
+    typer.echo(f"{'MODEL':<18} {'INPUT':>6} {'PARAMETERS':>12}  SOURCE")
+    for name in list_models():
+        spec = get_spec(name)
+        params = count_parameters(get_model(name, num_classes=2))
+        source = "torchvision" if spec.torchvision_name else "tirelib"
+        typer.echo(f"{name:<18} {spec.image_size:>6} {params:>12,}  {source}")
+    typer.echo("aliases: " + ", ".join(f"{alias} -> {name}" for alias, name in ALIASES.items()))
+
+
+def train(
+    dataset_version: Annotated[str, typer.Option(help="Dataset version to train on.")],
+    model_type: Annotated[
+        str, typer.Option(help="Architecture; `tirelib models` lists them.")
+    ] = "cnn",
+    optimizer_type: Annotated[str, typer.Option(help="adam, adamw, sgd or rmsprop.")] = "adam",
+    epochs: Annotated[int, typer.Option(help="Maximum number of epochs (>= 1).")] = 10,
+    learning_rate: Annotated[float, typer.Option(help="Initial learning rate (> 0).")] = 1e-3,
+    batch_size: Annotated[int, typer.Option(help="Images per batch (>= 1).")] = 32,
+    image_size: Annotated[
+        int | None, typer.Option(help="Input side in pixels; default: the model's own.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same run.")] = 42,
+    scheduler: Annotated[str, typer.Option(help="none, cosine, step or plateau.")] = "cosine",
+    weight_decay: Annotated[float, typer.Option(help="L2 weight decay.")] = 0.0,
+    pretrained: Annotated[
+        bool, typer.Option(help="Start from ImageNet weights (torchvision models).")
+    ] = False,
+    augment: Annotated[bool, typer.Option(help="Train-time augmentation.")] = True,
+    patience: Annotated[
+        int, typer.Option(help="Early stopping: epochs without improvement before stopping.")
+    ] = 3,
+    min_delta: Annotated[
+        float, typer.Option("--min-delta", "--delta", help="Early stopping: improvement margin.")
+    ] = 0.0,
+    min_loss: Annotated[
+        float | None, typer.Option(help="Early stopping target: val_loss at most this.")
+    ] = None,
+    min_accuracy: Annotated[
+        float | None, typer.Option(help="Early stopping target: val_accuracy at least this.")
+    ] = None,
+    num_workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Train one model on a dataset version, tracked as one MLflow run.
+
+    Every value is checked before anything is downloaded or any run is opened.
+    """
+    from tirelib.train import make_config
+    from tirelib.train import train as run_training
+
+    config = make_config(
+        dataset_version=dataset_version,
+        model_type=model_type,
+        optimizer_type=optimizer_type,
+        epochs=epochs,
+        learning_rate=learning_rate,
+        batch_size=batch_size,
+        image_size=image_size,
+        seed=seed,
+        scheduler=scheduler,
+        weight_decay=weight_decay,
+        pretrained=pretrained,
+        augment=augment,
+        patience=patience,
+        min_delta=min_delta,
+        min_loss=min_loss,
+        min_accuracy=min_accuracy,
+        num_workers=num_workers,
+    )
+    result = run_training(config, get_settings())
+    if as_json:
+        typer.echo(json.dumps(result.summary(), indent=1))
+        return
+    metrics = result.test_metrics
+    typer.echo(
+        f"{result.model_type} on {result.dataset_version}: {result.stop_reason}; "
+        f"best epoch {result.best_epoch}/{result.epochs_run}"
+    )
+    typer.echo(
+        "test: " + ", ".join(f"{k.removeprefix('test_')} {v:.4f}" for k, v in metrics.items())
+    )
+    typer.echo(f"run {result.run_id}  model {result.model_uri}")
+
+
+def evaluate(
+    run_id: Annotated[str, typer.Option(help="MLflow run of a trained model.")],
+    dataset_version: Annotated[
+        str | None, typer.Option(help="Score on this version's test split (default: the run's).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Score a trained model on a test split; metrics, report and pictures go to its run."""
+    from tirelib.evaluate import evaluate_run
+    from tirelib.reports import format_per_class_table
+
+    evaluation = evaluate_run(run_id, get_settings(), dataset_version=dataset_version)
+    if as_json:
+        typer.echo(json.dumps(evaluation.summary(), indent=1))
+        return
+    typer.echo(f"{evaluation.model_uri} on {evaluation.dataset_version} (test split)")
+    typer.echo(format_per_class_table(evaluation.metrics))
+    flat = evaluation.flat("")
+    typer.echo(", ".join(f"{k} {v:.4f}" for k, v in flat.items()))

@@ -1,0 +1,155 @@
+"""Image preprocessing shared by training, evaluation, the logged model and the server.
+
+One :class:`Preprocessing` turns an image, given as encoded bytes, a PIL image or an HWC array,
+into the normalised tensor the network expects. The evaluation transform *is* this object, and
+the logged model carries its numbers, so serving cannot drift from training.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.nn import functional
+
+from tirelib.errors import DataError
+
+# Guard against decompression bombs and absurd inputs before any pixel is decoded.
+MAX_IMAGE_PIXELS = 4096 * 4096
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Scale to [0, 1], resize to a square ``image_size`` (bilinear, antialiased), normalise."""
+
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, value: dict[str, Any]) -> Preprocessing:
+        return cls(int(value["image_size"]), tuple(value["mean"]), tuple(value["std"]))
+
+    def _finish(self, chw: torch.Tensor) -> torch.Tensor:
+        """``chw`` is float in [0, 1]: resize, then normalise."""
+        resized = functional.interpolate(
+            chw.unsqueeze(0),
+            size=(self.image_size, self.image_size),
+            mode="bilinear",
+            antialias=True,
+            align_corners=False,
+        ).squeeze(0)
+        mean = torch.tensor(self.mean, dtype=resized.dtype).view(3, 1, 1)
+        std = torch.tensor(self.std, dtype=resized.dtype).view(3, 1, 1)
+        return (resized - mean) / std
+
+    def from_pil(self, image: Image.Image) -> torch.Tensor:
+        rgb = image.convert("RGB")
+        array = np.asarray(rgb, dtype=np.uint8)
+        chw = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+        return self._finish(chw)
+
+    __call__ = from_pil
+
+    def from_bytes(self, data: bytes) -> torch.Tensor:
+        """Decode a JPEG/PNG/... image; a clear DataError when the bytes are not one."""
+        if not data:
+            raise DataError("empty image: zero bytes")
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                if image.width * image.height > MAX_IMAGE_PIXELS:
+                    raise DataError(
+                        f"image of {image.width}x{image.height} pixels is too large "
+                        f"(at most {MAX_IMAGE_PIXELS} pixels)"
+                    )
+                image.load()
+                return self.from_pil(image)
+        except UnidentifiedImageError as error:
+            raise DataError("not an image: the bytes are no known image format") from error
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+            raise DataError(f"image could not be decoded: {error}") from error
+
+    def from_array(self, value: Any) -> torch.Tensor:
+        """An HWC image (nested lists or an array) of floats in [0, 1], any height and width.
+
+        A 2-D array is a grayscale image; 1 or 4 channels are accepted (alpha is dropped).
+        """
+        try:
+            array = np.asarray(value, dtype=np.float32)
+        except (TypeError, ValueError) as error:
+            raise DataError(
+                "an image must be an HWC array of numbers in [0, 1] "
+                "(height x width x 3 channels), ragged or non-numeric values are not allowed"
+            ) from error
+        if array.ndim == 2:
+            array = array[:, :, None]
+        if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
+            raise DataError(
+                f"an image must have shape [height, width, 3] (HWC), got {list(array.shape)}"
+            )
+        height, width = array.shape[:2]
+        if height < 1 or width < 1:
+            raise DataError(f"an image must not be empty, got shape {list(array.shape)}")
+        if height * width > MAX_IMAGE_PIXELS:
+            raise DataError(
+                f"image of {width}x{height} pixels is too large (at most {MAX_IMAGE_PIXELS} pixels)"
+            )
+        if not np.isfinite(array).all():
+            raise DataError("an image contains NaN or infinite values; use floats in [0, 1]")
+        low, high = float(array.min()), float(array.max())
+        if low < 0.0 or high > 1.0:
+            raise DataError(
+                f"image values must lie in [0, 1], got the range [{low:g}, {high:g}] "
+                "(scale 8-bit pixels by 1/255)"
+            )
+        if array.shape[2] == 1:
+            array = np.repeat(array, 3, axis=2)
+        elif array.shape[2] == 4:
+            array = array[:, :, :3]
+        chw = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
+        return self._finish(chw)
+
+    def batch(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        if not tensors:
+            raise DataError("no images given: the batch is empty")
+        return torch.stack(list(tensors))
+
+
+def train_transform(
+    prep: Preprocessing, *, augment: bool = True
+) -> Callable[[Image.Image], torch.Tensor]:
+    """Training transform: random resized crop, flips, rotation, colour jitter, then normalise.
+
+    Without ``augment`` it is the evaluation transform itself.
+    """
+    if not augment:
+        return prep
+    from torchvision.transforms import v2
+
+    return v2.Compose(
+        [
+            v2.PILToTensor(),
+            v2.RandomResizedCrop(
+                prep.image_size, scale=(0.8, 1.0), ratio=(0.9, 1.1), antialias=True
+            ),
+            v2.RandomHorizontalFlip(),
+            v2.RandomVerticalFlip(),
+            v2.RandomRotation(15),
+            v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.1),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean=list(prep.mean), std=list(prep.std)),
+        ]
+    )
+
+
+def softmax(logits: torch.Tensor) -> torch.Tensor:
+    """Class probabilities in float32 (stable under AMP's float16 logits)."""
+    return torch.softmax(logits.float(), dim=1)

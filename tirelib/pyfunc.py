@@ -1,0 +1,108 @@
+"""The logged model: network weights, preprocessing and class names, as an MLflow pyfunc.
+
+Any consumer (tirelib's server, ``mlflow models serve``, a batch job) that loads the model gets the
+same prediction from the same image bytes, because decoding and resizing live here, beside the
+network. Weights are a state dict loaded with ``weights_only=True``: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.pyfunc import PythonModel, PythonModelContext
+
+from tirelib.errors import DataError
+from tirelib.models import get_model
+from tirelib.preprocessing import Preprocessing, softmax
+
+INPUT_COLUMN = "image"
+
+
+def write_model_files(
+    directory: Path,
+    network: torch.nn.Module,
+    *,
+    model_type: str,
+    classes: Sequence[str],
+    prep: Preprocessing,
+) -> dict[str, str]:
+    """Write the weights and the config the pyfunc loads; return them as pyfunc ``artifacts``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = directory / "weights.pt"
+    config = directory / "model_config.json"
+    state = {k: v.detach().cpu() for k, v in network.state_dict().items()}
+    torch.save(state, weights)
+    config.write_text(
+        json.dumps(
+            {
+                "model_type": model_type,
+                "classes": list(classes),
+                "preprocessing": prep.to_dict(),
+            },
+            indent=1,
+        )
+    )
+    return {"weights": str(weights), "config": str(config)}
+
+
+class TireClassifier(PythonModel):
+    """Input: a DataFrame with a binary ``image`` column (JPEG/PNG bytes, or base64 text).
+
+    Output: one probability column per class, in class order, and ``label``, the likeliest class.
+    """
+
+    classes: list[str]
+    model_type: str
+    prep: Preprocessing
+    network: torch.nn.Module
+
+    def load_context(self, context: PythonModelContext) -> None:
+        self.load(Path(context.artifacts["config"]), Path(context.artifacts["weights"]))
+
+    def load(self, config_path: Path, weights_path: Path) -> None:
+        config = json.loads(config_path.read_text())
+        self.classes = list(config["classes"])
+        self.model_type = config["model_type"]
+        self.prep = Preprocessing.from_dict(config["preprocessing"])
+        network = get_model(self.model_type, num_classes=len(self.classes))
+        state = torch.load(weights_path, map_location="cpu", weights_only=True)
+        network.load_state_dict(state)
+        self.network = network.eval()
+
+    def predict_proba(self, batch: torch.Tensor) -> np.ndarray:
+        """Class probabilities for a preprocessed NCHW batch."""
+        with torch.inference_mode():
+            result: np.ndarray = softmax(self.network(batch)).numpy()
+        return result
+
+    def predict(
+        self,
+        context: PythonModelContext | None,
+        model_input: pd.DataFrame,
+        params: dict[str, Any] | None = None,
+    ) -> pd.DataFrame:
+        if not isinstance(model_input, pd.DataFrame) or INPUT_COLUMN not in model_input:
+            raise DataError(f"expected a DataFrame with an {INPUT_COLUMN!r} column of image bytes")
+        tensors = [self.prep.from_bytes(_as_bytes(v)) for v in model_input[INPUT_COLUMN]]
+        probabilities = self.predict_proba(self.prep.batch(tensors))
+        frame = pd.DataFrame(probabilities, columns=self.classes)
+        frame["label"] = [self.classes[i] for i in probabilities.argmax(axis=1)]
+        return frame
+
+
+def _as_bytes(value: Any) -> bytes:
+    if isinstance(value, bytes | bytearray):
+        return bytes(value)
+    if isinstance(value, str):
+        try:
+            return base64.b64decode(value, validate=True)
+        except ValueError as error:
+            raise DataError("an image given as text must be base64-encoded bytes") from error
+    raise DataError(f"an image must be bytes or base64 text, got {type(value).__name__}")

@@ -1,0 +1,523 @@
+"""Training: a validated configuration, the epoch loop, early stopping, tracking in MLflow.
+
+The recipe follows torchvision's reference script: :func:`load_data`, :func:`train_one_epoch`,
+:func:`predict`, and :func:`train` that ties them together. Every hyperparameter is checked by
+:class:`TrainConfig` before anything is downloaded or any MLflow run is opened.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from torch import nn
+from torch.utils.data import DataLoader
+
+from tirelib.data import (
+    SplitManifest,
+    TireImageDataset,
+    ensure_splits,
+    read_manifest,
+    validate_name,
+)
+from tirelib.errors import ConfigurationError, DataError
+from tirelib.evaluate import MODEL_URI_TAG, predict, sample_images, write_artifacts
+from tirelib.metrics import compute_metrics
+from tirelib.models import get_model, get_spec, resolve_name
+from tirelib.preprocessing import Preprocessing, train_transform
+from tirelib.progress import progress_bar
+from tirelib.settings import Settings
+from tirelib.storage import ContentCache, ObjectStore
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
+SCHEDULERS = ("none", "cosine", "step", "plateau")
+
+
+class TrainConfig(BaseModel):
+    """Every hyperparameter of a training run; logged as the run's params."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    dataset_version: str
+    model_type: str = "cnn"
+    epochs: int = Field(default=10, ge=1, le=1000)
+    learning_rate: float = Field(default=1e-3, gt=0, le=10)
+    batch_size: int = Field(default=32, ge=1, le=4096)
+    optimizer_type: Literal["adam", "adamw", "sgd", "rmsprop"] = "adam"
+    image_size: int | None = Field(default=None, ge=16, le=1024)
+    seed: int = Field(default=42, ge=0)
+    scheduler: Literal["none", "cosine", "step", "plateau"] = "cosine"
+    weight_decay: float = Field(default=0.0, ge=0, le=1)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    pretrained: bool = False
+    augment: bool = True
+    patience: int = Field(default=3, ge=1, le=1000)
+    min_delta: float = Field(default=0.0, ge=0)
+    min_loss: float | None = Field(default=None, gt=0)
+    min_accuracy: float | None = Field(default=None, gt=0, le=1)
+    num_workers: int = Field(default=0, ge=0, le=64)
+
+    @field_validator("dataset_version")
+    @classmethod
+    def _version(cls, value: str) -> str:
+        try:
+            return validate_name(value)
+        except DataError as error:
+            raise ValueError(str(error)) from error
+
+    @field_validator("model_type")
+    @classmethod
+    def _model(cls, value: str) -> str:
+        try:
+            return resolve_name(value)
+        except ConfigurationError as error:
+            raise ValueError(str(error)) from error
+
+    @field_validator("optimizer_type", "scheduler", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _resolve_image_size(self) -> TrainConfig:
+        if self.image_size is None:
+            object.__setattr__(self, "image_size", get_spec(self.model_type).image_size)
+        return self
+
+    @property
+    def size(self) -> int:
+        assert self.image_size is not None
+        return self.image_size
+
+    def mlflow_params(self) -> dict[str, Any]:
+        return self.model_dump()
+
+
+def make_config(**values: Any) -> TrainConfig:
+    """A :class:`TrainConfig`, or a ConfigurationError naming each bad value and what is allowed."""
+    try:
+        return TrainConfig(**values)
+    except ValidationError as error:
+        lines = []
+        for item in error.errors():
+            name = ".".join(str(p) for p in item["loc"]) or "config"
+            lines.append(
+                f"{name}={item.get('input')!r}: {item['msg'].removeprefix('Value error, ')}"
+            )
+        raise ConfigurationError(
+            "invalid training configuration:\n  " + "\n  ".join(lines)
+        ) from error
+
+
+# --- early stopping ------------------------------------------------------------------------
+
+
+@dataclass
+class EarlyStopping:
+    """Stop when the targets are met, or when nothing improves for ``patience`` epochs.
+
+    The targets are the earlier system's: validation loss at most ``min_loss`` *and* accuracy at
+    least ``min_accuracy`` (either alone when only one is set); the model then qualifies. An
+    epoch improves when loss falls, or accuracy rises, by more than ``delta`` against the best
+    seen so far.
+    """
+
+    patience: int = 3
+    delta: float = 0.0
+    min_loss: float | None = None
+    min_accuracy: float | None = None
+    best_loss: float = math.inf
+    best_accuracy: float = -math.inf
+    stale_epochs: int = 0
+    reason: str = ""
+
+    def targets_met(self, loss: float, accuracy: float) -> bool:
+        if self.min_loss is None and self.min_accuracy is None:
+            return False
+        loss_ok = self.min_loss is None or loss <= self.min_loss
+        accuracy_ok = self.min_accuracy is None or accuracy >= self.min_accuracy
+        return loss_ok and accuracy_ok
+
+    def step(self, loss: float, accuracy: float) -> bool:
+        """Record one epoch's validation numbers; True means stop now."""
+        improved = False
+        if loss < self.best_loss - self.delta:
+            improved = True
+        if accuracy > self.best_accuracy + self.delta:
+            improved = True
+        self.best_loss = min(self.best_loss, loss)
+        self.best_accuracy = max(self.best_accuracy, accuracy)
+        self.stale_epochs = 0 if improved else self.stale_epochs + 1
+        if self.targets_met(loss, accuracy):
+            self.reason = (
+                f"targets met: val_loss {loss:.4f} (<= {self.min_loss}), "
+                f"val_accuracy {accuracy:.4f} (>= {self.min_accuracy})"
+            )
+            return True
+        if self.stale_epochs >= self.patience:
+            self.reason = f"no improvement by more than {self.delta} for {self.patience} epoch(s)"
+            return True
+        return False
+
+
+# --- the loop ------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class Loaders:
+    train: DataLoader[Any]
+    val: DataLoader[Any]
+    test: DataLoader[Any]
+    classes: list[str]
+    splits: dict[str, SplitManifest]
+    cache: ContentCache
+
+
+def load_data(
+    config: TrainConfig,
+    store: ObjectStore,
+    cache: ContentCache,
+    *,
+    max_workers: int = 16,
+    progress: bool | None = None,
+) -> Loaders:
+    """The version's splits (made first when missing), cached locally, as three loaders."""
+    splits = ensure_splits(store, config.dataset_version)
+    classes = splits["train"].classes
+    spec = get_spec(config.model_type)
+    prep = Preprocessing(config.size, spec.mean, spec.std)
+    datasets = {
+        name: TireImageDataset.from_split(
+            split, cache, train_transform(prep, augment=config.augment) if name == "train" else prep
+        )
+        for name, split in splits.items()
+    }
+    for dataset in datasets.values():
+        dataset.prepare(store, max_workers=max_workers, progress=progress)
+    generator = torch.Generator().manual_seed(config.seed)
+    pin = torch.cuda.is_available()
+
+    def loader(name: str, shuffle: bool) -> DataLoader[Any]:
+        return DataLoader(
+            datasets[name],  # type: ignore[arg-type]
+            batch_size=config.batch_size,
+            shuffle=shuffle,
+            num_workers=config.num_workers,
+            generator=generator if shuffle else None,
+            pin_memory=pin,
+            persistent_workers=config.num_workers > 0,
+        )
+
+    return Loaders(
+        loader("train", True), loader("val", False), loader("test", False), classes, splits, cache
+    )
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: DataLoader[Any],
+    optimizer: torch.optim.Optimizer,
+    criterion: nn.Module,
+    device: torch.device,
+    scaler: torch.amp.GradScaler | None,
+    *,
+    desc: str = "train",
+    progress: bool | None = None,
+) -> float:
+    """One pass over ``loader``; returns the mean training loss."""
+    model.train()
+    total, count = 0.0, 0
+    for images, targets in progress_bar(
+        loader, total=len(loader), desc=desc, unit="batch", enabled=progress
+    ):
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, enabled=scaler is not None):
+            loss = criterion(model(images), targets)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        total += loss.item() * targets.shape[0]
+        count += targets.shape[0]
+    return total / max(count, 1)
+
+
+def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    lr, wd = config.learning_rate, config.weight_decay
+    if config.optimizer_type == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=wd)
+    if config.optimizer_type == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+    if config.optimizer_type == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=config.momentum, weight_decay=wd)
+    return torch.optim.RMSprop(params, lr=lr, momentum=config.momentum, weight_decay=wd)
+
+
+def make_scheduler(
+    config: TrainConfig, optimizer: torch.optim.Optimizer
+) -> torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau | None:
+    if config.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    if config.scheduler == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(config.epochs // 3, 1))
+    if config.scheduler == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=1, factor=0.5)
+    return None
+
+
+# --- the whole recipe ----------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced; small and JSON-friendly for XCom."""
+
+    run_id: str | None
+    model_uri: str | None
+    model_type: str
+    dataset_version: str
+    best_epoch: int
+    epochs_run: int
+    stop_reason: str
+    test_metrics: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "model_uri": self.model_uri,
+            "model_type": self.model_type,
+            "dataset_version": self.dataset_version,
+            "best_epoch": self.best_epoch,
+            "epochs_run": self.epochs_run,
+            "stop_reason": self.stop_reason,
+            "test_metrics": self.test_metrics,
+        }
+
+
+@dataclass
+class _Fit:
+    model: nn.Module
+    history: list[dict[str, float]]
+    best_epoch: int
+    stop_reason: str
+
+
+def fit(
+    config: TrainConfig,
+    loaders: Loaders,
+    device: torch.device,
+    *,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    progress: bool | None = None,
+) -> _Fit:
+    """Train for up to ``config.epochs`` epochs; restore the best epoch's weights at the end."""
+    seed_everything(config.seed)
+    model = get_model(
+        config.model_type, num_classes=len(loaders.classes), pretrained=config.pretrained
+    ).to(device)
+    optimizer = make_optimizer(config, model)
+    scheduler = make_scheduler(config, optimizer)
+    amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda") if amp else None
+    criterion = nn.CrossEntropyLoss()
+    stopper = EarlyStopping(config.patience, config.min_delta, config.min_loss, config.min_accuracy)
+    history: list[dict[str, float]] = []
+    best_state = copy.deepcopy(model.state_dict())
+    best_key: tuple[float, float] = (math.inf, 0.0)
+    best_epoch = 0
+    stop_reason = f"ran all {config.epochs} epochs"
+    for epoch in range(1, config.epochs + 1):
+        lr = optimizer.param_groups[0]["lr"]
+        train_loss = train_one_epoch(
+            model, loaders.train, optimizer, criterion, device, scaler,
+            desc=f"epoch {epoch}/{config.epochs}", progress=progress,
+        )  # fmt: skip
+        val = predict(model, loaders.val, device, amp=amp, desc="validate", progress=progress)
+        metrics = compute_metrics(val.targets, val.probabilities, loaders.classes, loss=val.loss)
+        row = {"train_loss": train_loss, **metrics.as_dict("val_"), "learning_rate": lr}
+        history.append(row)
+        log.info(
+            "epoch %d/%d: train_loss %.4f val_loss %.4f val_accuracy %.4f val_f1 %.4f lr %.2g",
+            epoch, config.epochs, train_loss, val.loss, metrics.accuracy, metrics.f1, lr,
+        )  # fmt: skip
+        if on_epoch is not None:
+            on_epoch(epoch, row)
+        key = (val.loss, -metrics.accuracy)
+        if key < best_key:
+            best_key, best_epoch = key, epoch
+            best_state = copy.deepcopy(model.state_dict())
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.step(val.loss)
+        elif scheduler is not None:
+            scheduler.step()
+        if stopper.step(val.loss, metrics.accuracy):
+            stop_reason = f"stopped early after epoch {epoch}: {stopper.reason}"
+            log.info(stop_reason)
+            break
+    model.load_state_dict(best_state)
+    return _Fit(model, history, best_epoch, stop_reason)
+
+
+@contextmanager
+def _run_or_none(enabled: bool, **kwargs: Any) -> Iterator[Any]:
+    if not enabled:
+        yield None
+        return
+    import mlflow
+
+    with mlflow.start_run(**kwargs) as run:
+        yield run
+
+
+def train(
+    config: TrainConfig,
+    settings: Settings,
+    *,
+    track: bool = True,
+    progress: bool | None = None,
+    run_name: str | None = None,
+) -> TrainResult:
+    """Train ``config.model_type`` on ``config.dataset_version``, tracked as one MLflow run.
+
+    The dataset version is checked before any run is opened, so a bad name leaves nothing behind.
+    """
+    store = ObjectStore.for_data(settings)
+    manifest = read_manifest(store, config.dataset_version)  # DataError for an unknown version
+    cache = ContentCache(settings.resolved_cache_dir)
+    loaders = load_data(
+        config, store, cache, max_workers=settings.s3_max_workers, progress=progress
+    )
+    device = pick_device()
+    log.info(
+        "training %s on %s (%d train / %d val / %d test images, %s)",
+        config.model_type, config.dataset_version, len(loaders.splits["train"].records),
+        len(loaders.splits["val"].records), len(loaders.splits["test"].records), device,
+    )  # fmt: skip
+
+    from tirelib import tracking
+
+    if track:
+        tracking.configure(settings)
+    with _run_or_none(
+        track, run_name=run_name or f"{config.model_type}-{config.dataset_version}",
+        tags={"dataset_version": config.dataset_version, "model_type": config.model_type,
+              **tracking.lineage_tags()},
+    ) as run:  # fmt: skip
+        if run is not None:
+            import mlflow
+
+            mlflow.log_params(config.mlflow_params())
+            mlflow.log_params({"device": str(device), "classes": ",".join(loaders.classes)})
+            digest = _manifest_digest(manifest.content())
+            for split_name, split in loaders.splits.items():
+                tracking.log_dataset(
+                    bucket=store.bucket, version=config.dataset_version, digest=digest,
+                    context="training" if split_name == "train" else split_name,
+                    counts=split.counts,
+                )  # fmt: skip
+
+        def on_epoch(epoch: int, row: dict[str, float]) -> None:
+            if run is not None:
+                import mlflow
+
+                mlflow.log_metrics(row, step=epoch)
+
+        fitted = fit(config, loaders, device, on_epoch=on_epoch, progress=progress)
+        test = predict(fitted.model, loaders.test, device, desc="test", progress=progress)
+        metrics = compute_metrics(test.targets, test.probabilities, loaders.classes, loss=test.loss)
+        test_metrics = {**metrics.as_dict("test_"), "inference_ms_per_image": test.ms_per_image}
+        log.info("test: %s", ", ".join(f"{k} {v:.4f}" for k, v in test_metrics.items()))
+
+        model_uri = None
+        if run is not None:
+            import mlflow
+
+            mlflow.log_metrics(test_metrics)
+            mlflow.log_metrics({"best_epoch": fitted.best_epoch, "epochs_run": len(fitted.history)})
+            mlflow.set_tag("stop_reason", fitted.stop_reason)
+            spec = get_spec(config.model_type)
+            model_uri = tracking.log_model(
+                fitted.model.cpu(),
+                model_type=config.model_type,
+                classes=loaders.classes,
+                prep=Preprocessing(config.size, spec.mean, spec.std),
+                params={"dataset_version": config.dataset_version},
+            )
+            mlflow.set_tag(MODEL_URI_TAG, model_uri)
+            with tempfile.TemporaryDirectory(prefix="tire-eval-") as tmp:
+                write_artifacts(
+                    Path(tmp),
+                    metrics,
+                    test.targets,
+                    test.probabilities,
+                    sample_images(loaders.splits["test"].records, loaders.cache),
+                    history=fitted.history,
+                    extra={"inference_ms_per_image": test.ms_per_image},
+                    skipped=[{"path": s.path, "reason": s.reason} for s in manifest.skipped],
+                )
+                mlflow.log_artifacts(tmp, f"evaluation/{config.dataset_version}")
+    return TrainResult(
+        run_id=run.info.run_id if run is not None else None,
+        model_uri=model_uri,
+        model_type=config.model_type,
+        dataset_version=config.dataset_version,
+        best_epoch=fitted.best_epoch,
+        epochs_run=len(fitted.history),
+        stop_reason=fitted.stop_reason,
+        test_metrics=test_metrics,
+        history=fitted.history,
+    )
+
+
+def _manifest_digest(content: set[tuple[str, str]]) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for key, sha in sorted(content):
+        digest.update(f"{key}\0{sha}\n".encode())
+    return digest.hexdigest()
+
+
+__all__ = [
+    "OPTIMIZERS",
+    "SCHEDULERS",
+    "EarlyStopping",
+    "TrainConfig",
+    "TrainResult",
+    "fit",
+    "load_data",
+    "make_config",
+    "train",
+    "train_one_epoch",
+]
