@@ -153,7 +153,7 @@ def _no_pretrained(name: str, pretrained: bool) -> None:
         )
 
 
-@register_model(ModelSpec("tinyvgg", 64, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)))
+@register_model(ModelSpec("tinyvgg", 64))
 def tinyvgg(*, num_classes: int, pretrained: bool = False, hidden: int = 10) -> nn.Module:
     """TinyVGG (CNN Explainer's network): two blocks of two 3x3 convolutions, a linear head."""
     from torch import nn
@@ -178,7 +178,7 @@ def tinyvgg(*, num_classes: int, pretrained: bool = False, hidden: int = 10) -> 
     )
 
 
-@register_model(ModelSpec("cnn", 64, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)))
+@register_model(ModelSpec("cnn", 64))
 def cnn(*, num_classes: int, pretrained: bool = False, dropout: float = 0.3) -> nn.Module:
     """A small CNN: four conv-BN-ReLU-pool blocks, global pooling, dropout, a linear head."""
     from torch import nn

@@ -439,13 +439,17 @@ def train(
 
             mlflow.log_params(config.mlflow_params())
             mlflow.log_params({"device": str(device), "classes": ",".join(loaders.classes)})
-            digest = _manifest_digest(manifest.content())
-            for split_name, split in loaders.splits.items():
-                tracking.log_dataset(
-                    bucket=store.bucket, version=config.dataset_version, digest=digest,
-                    context="training" if split_name == "train" else split_name,
-                    counts=split.counts,
-                )  # fmt: skip
+            tracking.log_dataset(
+                bucket=store.bucket,
+                version=config.dataset_version,
+                digest=_manifest_digest(manifest.content()),
+                context="training",
+                counts={
+                    f"{name}.{label}": n
+                    for name, split in loaders.splits.items()
+                    for label, n in split.counts.items()
+                },
+            )
 
         def on_epoch(epoch: int, row: dict[str, float]) -> None:
             if run is not None:

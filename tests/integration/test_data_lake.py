@@ -58,9 +58,7 @@ def test_manifest_is_written_last(store: ObjectStore, tmp_path: Path) -> None:
     assert max(image_times) <= manifest_time["LastModified"]
 
 
-def test_upload_is_idempotent_and_refuses_other_content(
-    store: ObjectStore, tmp_path: Path
-) -> None:
+def test_upload_is_idempotent_and_refuses_other_content(store: ObjectStore, tmp_path: Path) -> None:
     write_image_folder(tmp_path / "a", {"good": 6, "defective": 6})
     first = upload_version(store, tmp_path / "a", "v1", progress=False)
     again = upload_version(store, tmp_path / "a", "v1", progress=False)
