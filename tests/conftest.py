@@ -315,3 +315,26 @@ def tire_env(
         yield settings
     finally:
         reset_settings()
+
+
+@pytest.fixture
+def tracked_env(
+    tire_env: Settings, mlflow_server: str, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Settings]:
+    """``tire_env`` plus the session's MLflow server and an experiment and model of its own.
+
+    Sets ``MLFLOW_TRACKING_URI``, ``TIRE_EXPERIMENT`` (``tire-defect-<8 hex>``) and
+    ``TIRE_MODEL_NAME`` (``tire-defect-classifier-<8 hex>``), so tests never see each other's runs.
+    """
+    import mlflow
+
+    suffix = secrets.token_hex(4)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.setenv("TIRE_EXPERIMENT", f"tire-defect-{suffix}")
+    monkeypatch.setenv("TIRE_MODEL_NAME", f"tire-defect-classifier-{suffix}")
+    reset_settings()
+    mlflow.set_tracking_uri(mlflow_server)
+    try:
+        yield get_settings()
+    finally:
+        reset_settings()

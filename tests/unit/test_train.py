@@ -1,0 +1,179 @@
+"""Training without servers: configuration checks, early stopping, the loop's behaviour, the CLI."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+from typer.testing import CliRunner
+
+from tirelib.cli import app, translate_legacy
+from tirelib.errors import ConfigurationError
+from tirelib.train import EarlyStopping, Loaders, fit, make_config, pick_device
+
+pytestmark = pytest.mark.unit
+
+
+# --- configuration -------------------------------------------------------------------------
+
+
+def test_defaults_resolve_the_models_input_size() -> None:
+    assert make_config(dataset_version="v1", model_type="cnn").image_size == 64
+    assert make_config(dataset_version="v1", model_type="efficientnet").image_size == 224
+    assert make_config(dataset_version="v1", model_type="efficientnet").model_type == (
+        "efficientnet_b0"
+    )
+    assert make_config(dataset_version="v1", optimizer_type="Adam").optimizer_type == "adam"
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"optimizer_type": "adagrad"}, "'adam', 'adamw', 'sgd' or 'rmsprop'"),
+        ({"model_type": "vgg19"}, "choose one of: cnn, efficientnet_b0"),
+        ({"learning_rate": 0}, "learning_rate=0: Input should be greater than 0"),
+        ({"learning_rate": -0.1}, "greater than 0"),
+        ({"batch_size": 0}, "batch_size=0: Input should be greater than or equal to 1"),
+        ({"epochs": 0}, "epochs=0"),
+        ({"dataset_version": "../etc"}, "invalid version name"),
+        ({"scheduler": "linear"}, "'none', 'cosine', 'step' or 'plateau'"),
+        ({"min_accuracy": 1.5}, "min_accuracy=1.5"),
+        ({"colour": "red"}, "colour='red': Extra inputs are not permitted"),
+    ],
+)
+def test_bad_values_are_named_with_what_is_allowed(values: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigurationError, match="invalid training configuration") as error:
+        make_config(**{"dataset_version": "v1", **values})
+    assert message in str(error.value)
+
+
+# --- early stopping ------------------------------------------------------------------------
+
+
+def _run(stopper: EarlyStopping, losses: list[float], accuracies: list[float]) -> int | None:
+    for epoch, (loss, accuracy) in enumerate(zip(losses, accuracies, strict=True), start=1):
+        if stopper.step(loss, accuracy):
+            return epoch
+    return None
+
+
+def test_stops_after_patience_epochs_without_improvement() -> None:
+    stopper = EarlyStopping(patience=3)
+    epoch = _run(stopper, [1.0, 0.9, 0.95, 0.96, 0.97, 0.5], [0.5, 0.6, 0.55, 0.55, 0.55, 0.9])
+    assert epoch == 5
+    assert "no improvement" in stopper.reason
+
+
+def test_better_accuracy_alone_counts_as_improvement() -> None:
+    stopper = EarlyStopping(patience=2)
+    assert _run(stopper, [0.5, 0.6, 0.6, 0.6], [0.6, 0.7, 0.8, 0.9]) is None
+
+
+def test_changes_within_delta_are_not_improvements() -> None:
+    stopper = EarlyStopping(patience=2, delta=0.05)
+    assert _run(stopper, [1.0, 0.98, 0.97], [0.5, 0.52, 0.53]) == 3
+
+
+def test_stops_as_soon_as_both_targets_are_met() -> None:
+    stopper = EarlyStopping(patience=10, min_loss=0.3, min_accuracy=0.9)
+    # Epoch 2 meets the loss target only, epoch 3 the accuracy target only, epoch 4 both.
+    epoch = _run(stopper, [0.5, 0.25, 0.35, 0.2, 0.1], [0.8, 0.85, 0.95, 0.92, 0.99])
+    assert epoch == 4
+    assert "targets met" in stopper.reason
+
+
+def test_one_target_alone_is_enough_when_only_one_is_set() -> None:
+    assert _run(EarlyStopping(patience=10, min_accuracy=0.9), [1, 1, 1], [0.5, 0.91, 1]) == 2
+    assert _run(EarlyStopping(patience=10, min_loss=0.2), [0.5, 0.4, 0.1], [0.5, 0.5, 0.5]) == 3
+
+
+# --- the loop ------------------------------------------------------------------------------
+
+
+def _toy_loaders(seed: int = 0) -> Loaders:
+    """Class 1 images carry a bright square; class 0 do not. Learnable in a few epochs."""
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.rand(96, 3, 32, 32, generator=generator) * 0.5
+    labels = torch.arange(96) % 2
+    images[labels == 1, :, 8:20, 8:20] += 0.5
+    data = TensorDataset(images, labels)
+    train = DataLoader(data, batch_size=16, shuffle=True, generator=generator)
+    val = DataLoader(data, batch_size=32)
+    return Loaders(train, val, val, ["good", "defective"], {}, None)  # type: ignore[arg-type]
+
+
+def test_training_lowers_the_loss_and_restores_the_best_epoch() -> None:
+    config = make_config(dataset_version="toy", model_type="cnn", epochs=6, learning_rate=0.01)
+    result = fit(config, _toy_loaders(), pick_device(), progress=False)
+    losses = [row["val_loss"] for row in result.history]
+    assert losses[-1] < losses[0]
+    assert result.history[result.best_epoch - 1]["val_loss"] == min(losses)
+    assert set(result.history[0]) >= {
+        "train_loss",
+        "val_loss",
+        "val_accuracy",
+        "val_precision",
+        "val_recall",
+        "val_f1",
+        "learning_rate",
+    }
+
+
+def test_the_same_seed_gives_the_same_history() -> None:
+    config = make_config(dataset_version="toy", model_type="tinyvgg", epochs=2, seed=3)
+    first = fit(config, _toy_loaders(), pick_device(), progress=False).history
+    second = fit(config, _toy_loaders(), pick_device(), progress=False).history
+    assert first == second
+
+
+def test_early_stopping_ends_training_before_the_last_epoch() -> None:
+    config = make_config(
+        dataset_version="toy", model_type="cnn", epochs=20, learning_rate=0.01, min_accuracy=0.6
+    )
+    result = fit(config, _toy_loaders(), pick_device(), progress=False)
+    assert len(result.history) < 20
+    assert "targets met" in result.stop_reason
+
+
+# --- the command line ----------------------------------------------------------------------
+
+
+def test_the_earlier_spelling_is_translated() -> None:
+    argv = ["Train", "--dataset_version", "split_1", "--model_type", "cnn", "--learning_rate=0.01"]
+    assert translate_legacy(argv) == [
+        "train",
+        "--dataset-version",
+        "split_1",
+        "--model-type",
+        "cnn",
+        "--learning-rate=0.01",
+    ]
+    assert translate_legacy(["data", "list"]) == ["data", "list"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--optimizer-type", "adagrad"], "'adam', 'adamw', 'sgd' or 'rmsprop'"),
+        (["--model-type", "vgg"], "choose one of"),
+        (["--learning-rate", "0"], "greater than 0"),
+        (["--batch-size", "0"], "batch_size=0"),
+    ],
+)
+def test_cli_refuses_bad_hyperparameters_with_exit_2(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tirelib.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--dataset-version", "v1", *args])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_models_lists_every_architecture() -> None:
+    result = CliRunner().invoke(app, ["models"])
+    assert result.exit_code == 0, result.output
+    for name in ["cnn", "tinyvgg", "resnet18", "resnet50", "efficientnet_b2"]:
+        assert name in result.output
+    assert "efficientnet -> efficientnet_b0" in result.output
