@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import re
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -596,8 +597,10 @@ class TireImageDataset:
     """A map-style dataset over a split, read from the local content cache.
 
     ``DataLoader`` needs only ``__len__`` and ``__getitem__``. Items are ``(transform(image),
-    class_index)`` with the image decoded as RGB from the cache; :meth:`prepare` downloads
-    what is missing first, so an epoch never touches the network.
+    class_index)`` with the image decoded as RGB. :meth:`prepare` downloads what is missing
+    (parallel, checksummed) and, within ``memory_mb``, decodes every image once into memory, in
+    parallel; an epoch then neither touches the network nor decodes a file again. Images past
+    the budget are decoded from the disk cache on each access.
     """
 
     def __init__(
@@ -606,6 +609,8 @@ class TireImageDataset:
         classes: Sequence[str],
         cache: ContentCache,
         transform: Callable[[Image.Image], Any] | None = None,
+        *,
+        memory_mb: int = 2048,
     ) -> None:
         unknown = {r.label for r in records} - set(classes)
         if unknown:
@@ -615,6 +620,8 @@ class TireImageDataset:
         self.class_to_index = {name: i for i, name in enumerate(classes)}
         self.cache = cache
         self.transform = transform
+        self.memory_mb = memory_mb
+        self._decoded: dict[int, Image.Image] = {}
 
     @classmethod
     def from_split(
@@ -622,19 +629,67 @@ class TireImageDataset:
         split: SplitManifest,
         cache: ContentCache,
         transform: Callable[[Image.Image], Any] | None = None,
+        *,
+        memory_mb: int = 2048,
     ) -> TireImageDataset:
-        return cls(split.records, split.classes, cache, transform)
+        return cls(split.records, split.classes, cache, transform, memory_mb=memory_mb)
 
     def prepare(
         self, store: ObjectStore, *, max_workers: int = 16, progress: bool | None = None
     ) -> None:
-        """Download the images not in the cache yet (parallel, checksummed)."""
+        """Download what the cache lacks, decoding into memory what the budget allows.
+
+        Downloaded images are decoded from the bytes in hand, in the download threads; cached
+        ones are decoded from disk in parallel (Pillow releases the GIL while it decodes).
+        """
+        by_sha: dict[str, list[int]] = {}
+        for index, record in enumerate(self.records):
+            by_sha.setdefault(record.sha256, []).append(index)
+        budget = [self.memory_mb * 2**20]
+        lock = threading.Lock()
+
+        def keep(sha: str, image: Image.Image) -> None:
+            size = image.width * image.height * 3
+            with lock:
+                if size > budget[0]:
+                    return
+                budget[0] -= size
+                for index in by_sha[sha]:
+                    self._decoded[index] = image
+
+        def decode_bytes(sha: str, data: bytes) -> None:
+            with Image.open(io.BytesIO(data)) as raw:
+                keep(sha, raw.convert("RGB"))
+
+        cached = [sha for sha in by_sha if self.cache.has(sha)]
         self.cache.fetch(
             store,
             ((r.key, r.sha256) for r in self.records),
             max_workers=max_workers,
             progress=progress,
+            on_download=decode_bytes,
         )
+        with ThreadPoolExecutor(max_workers=max(2, min(max_workers, 8))) as pool:
+            for sha, image in zip(cached, pool.map(self._load_sha, cached), strict=True):
+                keep(sha, image)
+        if len(self._decoded) < len(self.records):
+            log.info(
+                "%d of %d images decoded in memory (budget %d MB); the rest are read from disk",
+                len(self._decoded),
+                len(self.records),
+                self.memory_mb,
+            )
+
+    def _load_sha(self, sha: str) -> Image.Image:
+        with Image.open(self.cache.path(sha)) as raw:
+            return raw.convert("RGB")
+
+    def _load(self, index: int) -> Image.Image:
+        record = self.records[index]
+        try:
+            return self._load_sha(record.sha256)
+        except FileNotFoundError as error:
+            raise DataError(f"{record.key} is not in the cache; call prepare() first") from error
 
     @property
     def targets(self) -> list[int]:
@@ -644,12 +699,6 @@ class TireImageDataset:
         return len(self.records)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
-        record = self.records[index]
-        path = self.cache.path(record.sha256)
-        try:
-            with Image.open(path) as raw:
-                image = raw.convert("RGB")
-        except FileNotFoundError as error:
-            raise DataError(f"{record.key} is not in the cache; call prepare() first") from error
-        target = self.class_to_index[record.label]
+        image = self._decoded.get(index) or self._load(index)
+        target = self.class_to_index[self.records[index].label]
         return (self.transform(image) if self.transform else image), target

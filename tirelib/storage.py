@@ -11,9 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
-from collections.abc import Iterable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,13 +227,13 @@ class ContentCache:
             )
         target = self.path(sha256)
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".part-")
+        # A name of this writer's own, renamed into place: readers never see half a file.
+        part = target.with_name(f".part-{sha256[:16]}-{threading.get_ident()}")
         try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-            Path(tmp).replace(target)
+            part.write_bytes(data)
+            part.replace(target)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            part.unlink(missing_ok=True)
             raise
         return target
 
@@ -245,10 +244,13 @@ class ContentCache:
         *,
         max_workers: int = 16,
         progress: bool | None = None,
+        on_download: Callable[[str, bytes], None] | None = None,
     ) -> FetchReport:
         """Download every ``(key, sha256)`` not cached yet, in parallel, verifying each hash.
 
-        ``progress=None`` shows a bar only on a terminal.
+        ``on_download(sha256, data)`` runs in the worker thread after each download, so a caller
+        can use the bytes (decode them) without reading the file back. ``progress=None`` shows
+        a bar only on a terminal.
         """
         missing: dict[str, str] = {}
         cached = 0
@@ -265,6 +267,8 @@ class ContentCache:
         def download(sha: str, key: str) -> int:
             data = store.get_bytes(key)
             self.put(sha, data, source=f"s3://{store.bucket}/{key}")
+            if on_download is not None:
+                on_download(sha, data)
             return len(data)
 
         total = 0

@@ -9,6 +9,7 @@ import io
 import logging
 import os
 import subprocess
+import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -41,6 +42,8 @@ _AIRFLOW_CONTEXT = {
 
 def configure(settings: Settings) -> str:
     """Point MLflow at the tracking server and the experiment; return the experiment id."""
+    if not sys.stderr.isatty():  # progress bars would flood task logs
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
     experiment = mlflow.set_experiment(settings.experiment)
     return str(experiment.experiment_id)

@@ -12,7 +12,7 @@ import sys
 
 import typer
 
-from tirelib.cli import data, stack, train
+from tirelib.cli import data, demo, stack, train
 from tirelib.errors import TirelibError
 from tirelib.settings import get_settings
 
@@ -28,6 +28,7 @@ app.add_typer(data.app, name="data")
 app.command()(train.train)
 app.command()(train.evaluate)
 app.command()(train.models)
+app.command()(demo.demo)
 
 # The earlier system's commands: `python -m tirelib Train --dataset_version split_1 ...`.
 LEGACY_COMMANDS = {"Train": ["train"]}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -36,7 +37,9 @@ def synth(
     """Draw synthetic tire photos (tread, sidewall, lighting, noise; cracks, cuts, bulges, wear)."""
     from tirelib.synth import generate
 
-    summary = generate(out, count, seed=seed, size=size, defect_ratio=defect_ratio, progress=True)
+    summary = generate(
+        out, count, seed=seed, size=size, defect_ratio=defect_ratio, progress=sys.stderr.isatty()
+    )
     counts = ", ".join(f"{label}={n}" for label, n in summary.counts.items())
     typer.echo(f"wrote {sum(summary.counts.values())} images to {out} ({counts})")
 
