@@ -76,9 +76,26 @@ class Settings(BaseSettings):
 
     s3_port: int = Field(default=8333, ge=1, le=65535, description="Local S3 server's port.")
     mlflow_port: int = Field(default=5000, ge=1, le=65535, description="Local MLflow's port.")
+    airflow_port: int = Field(default=8080, ge=1, le=65535, description="Airflow's api-server.")
+    airflow_database_url: str | None = Field(
+        default=None, description="Airflow's metadata database; default SQLite in AIRFLOW_HOME."
+    )
+    airflow_executor: Literal["LocalExecutor", "CeleryExecutor"] = "LocalExecutor"
+    dags_folder: Path | None = Field(
+        default=None, description="DAG files; default: the dags/ folder beside the package."
+    )
+    pipeline_epochs: int = Field(
+        default=10, ge=1, le=1000, description="Default epochs of a pipeline run."
+    )
+    training_queue: str = Field(
+        default="default", description="Executor queue of training tasks (CeleryExecutor)."
+    )
+    sensor_poke_seconds: int = Field(
+        default=30, ge=1, le=3600, description="How often the data sensor looks at the lake."
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
-    @field_validator("s3_endpoint_url", "database_url", mode="before")
+    @field_validator("s3_endpoint_url", "database_url", "airflow_database_url", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value
@@ -100,7 +117,7 @@ class Settings(BaseSettings):
             )
         return value
 
-    @field_validator("database_url")
+    @field_validator("database_url", "airflow_database_url")
     @classmethod
     def _database_scheme(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith(("postgresql", "sqlite", "mysql")):
@@ -116,6 +133,10 @@ class Settings(BaseSettings):
     @property
     def stack_dir(self) -> Path:
         return self.home / "stack"
+
+    @property
+    def resolved_airflow_home(self) -> Path:
+        return self.airflow_home if self.airflow_home is not None else self.home / "airflow"
 
 
 def _explain(error: ValidationError) -> str:

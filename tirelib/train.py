@@ -8,6 +8,8 @@ The recipe follows torchvision's reference script: :func:`load_data`, :func:`tra
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import logging
 import math
 import random
@@ -429,11 +431,15 @@ def train(
 
     if track:
         tracking.configure(settings)
+    tags = {
+        "dataset_version": config.dataset_version,
+        "model_type": config.model_type,
+        JOB_DIGEST_TAG: job_digest(config, manifest.content()),
+        **tracking.lineage_tags(),
+    }
     with _run_or_none(
-        track, run_name=run_name or f"{config.model_type}-{config.dataset_version}",
-        tags={"dataset_version": config.dataset_version, "model_type": config.model_type,
-              **tracking.lineage_tags()},
-    ) as run:  # fmt: skip
+        track, run_name=run_name or f"{config.model_type}-{config.dataset_version}", tags=tags
+    ) as run:
         if run is not None:
             import mlflow
 
@@ -505,12 +511,58 @@ def train(
 
 
 def _manifest_digest(content: set[tuple[str, str]]) -> str:
-    import hashlib
-
     digest = hashlib.sha256()
     for key, sha in sorted(content):
         digest.update(f"{key}\0{sha}\n".encode())
     return digest.hexdigest()
+
+
+JOB_DIGEST_TAG = "tire.job_digest"
+
+
+def job_digest(config: TrainConfig, content: set[tuple[str, str]]) -> str:
+    """What makes two training jobs the same: every hyperparameter and the version's content."""
+    text = json.dumps(config.model_dump(mode="json"), sort_keys=True)
+    return hashlib.sha256(f"{text}\n{_manifest_digest(content)}".encode()).hexdigest()
+
+
+def find_finished_run(config: TrainConfig, settings: Settings) -> TrainResult | None:
+    """The finished run of this very job (same config, same data) with a logged model, if any.
+
+    This is what makes a retried training task, or a re-run of a version, train nothing twice.
+    """
+    import mlflow
+
+    from tirelib import tracking
+
+    manifest = read_manifest(ObjectStore.for_data(settings), config.dataset_version)
+    experiment_id = tracking.configure(settings)
+    digest = job_digest(config, manifest.content())
+    runs = mlflow.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{JOB_DIGEST_TAG}` = '{digest}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+        output_format="list",
+    )
+    if not runs or MODEL_URI_TAG not in runs[0].data.tags:
+        return None
+    run = runs[0]
+    metrics = run.data.metrics
+    return TrainResult(
+        run_id=run.info.run_id,
+        model_uri=run.data.tags[MODEL_URI_TAG],
+        model_type=config.model_type,
+        dataset_version=config.dataset_version,
+        best_epoch=int(metrics.get("best_epoch", 0)),
+        epochs_run=int(metrics.get("epochs_run", 0)),
+        stop_reason=run.data.tags.get("stop_reason", ""),
+        test_metrics={
+            k: v
+            for k, v in metrics.items()
+            if k.startswith("test_") or k == "inference_ms_per_image"
+        },
+    )
 
 
 __all__ = [

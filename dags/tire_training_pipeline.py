@@ -1,0 +1,151 @@
+"""tire_training_pipeline: from a new dataset version to a promoted model.
+
+Scheduled by the ``tire_raw_data`` asset (``tire_data_sensor`` emits it with the version in the
+event's extra), or triggered by hand with params. Each task is one call into ``tirelib.pipeline``
+and passes small JSON values on; a version processed already makes the run skip itself.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from airflow.providers.slack.notifications.slack_webhook import SlackWebhookNotifier
+from airflow.sdk import DAG, Asset, Param, task
+
+from tirelib.models import list_models
+from tirelib.settings import get_settings
+
+settings = get_settings()
+RAW_DATA = Asset(uri=f"s3://{settings.data_bucket}/raw", name="tire_raw_data")
+METRICS = ["loss", "accuracy", "precision", "recall", "f1"]
+
+on_failure = SlackWebhookNotifier(
+    slack_webhook_conn_id="slack_webhook",
+    text=(
+        ":red_circle: {{ dag.dag_id }}.{{ ti.task_id }} failed (try {{ ti.try_number }}) "
+        "on {{ params.dataset_version or 'the announced version' }}: {{ exception }}\n"
+        "log: {{ ti.log_url }}"
+    ),
+)
+io_retries = {
+    "retries": 3,
+    "retry_delay": timedelta(seconds=20),
+    "retry_exponential_backoff": True,
+    "max_retry_delay": timedelta(minutes=5),
+}
+
+with DAG(
+    dag_id="tire_training_pipeline",
+    description="Validate, split, train, evaluate against production, register, promote.",
+    schedule=[RAW_DATA],
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    default_args={
+        "retries": 1,
+        "retry_delay": timedelta(seconds=30),
+        "execution_timeout": timedelta(minutes=30),
+        "on_failure_callback": [on_failure],
+    },
+    params={
+        "dataset_version": Param(
+            None,
+            type=["null", "string"],
+            pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+            description="Version to process; empty: the one the sensor announced.",
+        ),
+        "model_types": Param(
+            ["cnn"],
+            type="array",
+            items={"type": "string", "enum": [*list_models(), "efficientnet"]},
+            minItems=1,
+            description="Architectures to train, one mapped task each.",
+        ),
+        "epochs": Param(settings.pipeline_epochs, type="integer", minimum=1, maximum=1000),
+        "learning_rate": Param(0.001, type="number", exclusiveMinimum=0, maximum=10),
+        "batch_size": Param(32, type="integer", minimum=1, maximum=4096),
+        "optimizer_type": Param("adam", type="string", enum=["adam", "adamw", "sgd", "rmsprop"]),
+        "metric": Param("f1", type="string", enum=METRICS, description="Chooses and gates."),
+        "thresholds": Param(
+            {"accuracy": 0.8, "f1": 0.75, "margin": 0.0},
+            type="object",
+            description="Floors a model must reach to be registered, and the margin by which "
+            "it must beat production on the same test split.",
+        ),
+    },
+    tags=["tire", "training"],
+    doc_md=__doc__,
+):
+
+    @task.short_circuit(**io_retries)
+    def resolve_version(params=None, triggering_asset_events=None):
+        from tirelib import pipeline
+
+        return pipeline.resolve_version(params, triggering_asset_events)
+
+    @task(**io_retries)
+    def validate_data(jobs: list[dict]):
+        from tirelib import pipeline
+
+        return pipeline.validate_data(pipeline.version_of(jobs))
+
+    @task(**io_retries)
+    def split(jobs: list[dict]):
+        from tirelib import pipeline
+
+        return pipeline.split(pipeline.version_of(jobs))
+
+    @task(
+        pool="training",
+        queue=settings.training_queue,
+        execution_timeout=timedelta(hours=2),
+        max_active_tis_per_dag=2,
+    )
+    def train(job: dict):
+        from tirelib import pipeline
+
+        return pipeline.train(job)
+
+    @task
+    def evaluate(jobs: list[dict], trained: list[dict]):
+        from tirelib import pipeline
+
+        return pipeline.evaluate(pipeline.version_of(jobs), list(trained))
+
+    @task(**io_retries)
+    def register(trained: list[dict], params=None):
+        from tirelib import pipeline
+
+        return pipeline.register(list(trained), params["thresholds"])
+
+    @task(**io_retries)
+    def stage(registered: list[dict], params=None):
+        from tirelib import pipeline
+
+        return pipeline.stage(registered, params["metric"])
+
+    @task(**io_retries)
+    def promote(staged: dict | None, params=None):
+        from tirelib import pipeline
+
+        return pipeline.promote(staged, params["metric"], params["thresholds"])
+
+    @task(**io_retries)
+    def mark_processed(jobs: list[dict], promotion: dict | None):
+        from tirelib import pipeline
+
+        return pipeline.mark_processed(pipeline.version_of(jobs), {"promotion": promotion})
+
+    @task(**io_retries)
+    def report(jobs: list[dict], evaluation: dict, promotion: dict | None):
+        from tirelib import pipeline
+
+        return pipeline.report(pipeline.version_of(jobs), evaluation, promotion)
+
+    jobs = resolve_version()  # one per model type; empty (skip the rest) when nothing is new
+    trained = train.expand(job=jobs)
+    validate_data(jobs) >> split(jobs) >> trained
+    evaluation = evaluate(jobs, trained)
+    promotion = promote(stage(register(trained)))
+    evaluation >> promotion
+    mark_processed(jobs, promotion) >> report(jobs, evaluation, promotion)

@@ -1,0 +1,321 @@
+"""The pipeline's steps: every task the DAGs run is one function here, and the CLI can run it too.
+
+Each step takes and returns small JSON values (version names, run ids, model versions, metrics)
+so they travel through XCom. Each is idempotent: a retried task, or a re-run of a version, finds
+the splits, runs and model versions made before and returns them instead of making new ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from pydantic import SecretStr
+
+from tirelib import data, notify
+from tirelib.data import (
+    DEFAULT_RATIOS,
+    TireImageDataset,
+    ensure_splits,
+    list_versions,
+    processed_versions,
+    read_manifest,
+    validate_name,
+)
+from tirelib.errors import DataError
+from tirelib.settings import Settings, get_settings
+from tirelib.storage import ContentCache, ObjectStore, processed_key
+
+log = logging.getLogger(__name__)
+
+AWS_CONN_ID = "aws_default"
+DEFAULT_MODEL_TYPES = ("cnn",)
+
+
+# --- settings inside and outside Airflow ---------------------------------------------------
+
+
+def task_settings(conn_id: str = AWS_CONN_ID) -> Settings:
+    """tirelib's settings, with S3 reached through Airflow's ``aws_default`` inside a task.
+
+    Inside Airflow the endpoint, region and credentials come from the connection (its extra
+    holds ``endpoint_url``), never from code; outside, from the environment as usual.
+    """
+    settings = get_settings()
+    if not notify.in_airflow():
+        return settings
+    from airflow.sdk import BaseHook
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    try:
+        connection = BaseHook.get_connection(conn_id)
+    except AirflowNotFoundException:
+        log.warning("no Airflow connection %r; using tirelib's own S3 settings", conn_id)
+        return settings
+    extra = connection.extra_dejson
+    update: dict[str, Any] = {}
+    if extra.get("endpoint_url"):
+        update["s3_endpoint_url"] = str(extra["endpoint_url"]).rstrip("/")
+    if extra.get("region_name"):
+        update["aws_default_region"] = extra["region_name"]
+    if connection.login:
+        update["aws_access_key_id"] = connection.login
+        update["aws_secret_access_key"] = SecretStr(connection.password or "")
+    return settings.model_copy(update=update)
+
+
+def _store(settings: Settings) -> ObjectStore:
+    return ObjectStore.for_data(settings)
+
+
+# --- the sensor DAG ------------------------------------------------------------------------
+
+
+def new_versions(settings: Settings | None = None) -> list[str]:
+    """Complete versions (manifest written) that have no processed marker, oldest first."""
+    settings = settings or task_settings()
+    return [v.version for v in list_versions(_store(settings)) if v.complete and not v.processed]
+
+
+def has_new_versions(files: Sequence[Mapping[str, Any]], **_: Any) -> bool:
+    """``check_fn`` of the S3 sensor: do any of the matched manifests belong to a new version?
+
+    ``files`` are the matched ``raw/<version>/_manifest.json`` objects.
+    """
+    versions = {str(f["Key"]).split("/")[1] for f in files if str(f["Key"]).count("/") == 2}
+    if not versions:
+        return False
+    done = processed_versions(_store(task_settings()))
+    fresh = sorted(versions - done)
+    log.info("manifests: %d, unprocessed: %s", len(versions), fresh or "none")
+    return bool(fresh)
+
+
+def announce_versions() -> dict[str, Any]:
+    """The extra of the asset event that starts the training pipeline."""
+    versions = new_versions()
+    if not versions:
+        raise DataError("the sensor fired but no unprocessed version is left")
+    return {"version": versions[0], "pending": versions}
+
+
+# --- the training pipeline -----------------------------------------------------------------
+
+
+def _event_versions(events: Mapping[Any, Iterable[Any]] | None) -> list[str]:
+    versions = []
+    for asset_events in (events or {}).values():
+        for event in asset_events:
+            extra = getattr(event, "extra", None) or {}
+            if extra.get("version"):
+                versions.append(str(extra["version"]))
+    return versions
+
+
+def resolve_version(
+    params: Mapping[str, Any], triggering_asset_events: Mapping[Any, Iterable[Any]] | None = None
+) -> list[dict[str, Any]]:
+    """The training jobs of this run, one per model type, each naming the version to process.
+
+    A run started by hand names its version in ``params``; one started by the sensor takes it
+    from the asset event. A version processed meanwhile gives no jobs: the run skips the rest,
+    so duplicate events cost nothing. Hyperparameters are checked here, before any work.
+    """
+    from tirelib.train import make_config
+
+    settings = task_settings()
+    version = params.get("dataset_version")
+    manual = bool(version)
+    if not manual:
+        candidates = _event_versions(triggering_asset_events)
+        done = processed_versions(_store(settings))
+        fresh = [v for v in candidates if v not in done]
+        if not fresh:
+            log.info("versions %s are processed already: nothing to do", candidates or "none")
+            return []
+        version = fresh[0]
+    version = validate_name(str(version))
+    read_manifest(_store(settings), version)  # a clear error for an unknown version
+    model_types = list(params.get("model_types") or DEFAULT_MODEL_TYPES)
+    jobs = []
+    for model_type in model_types:
+        values = {
+            "dataset_version": version,
+            "model_type": model_type,
+            "epochs": params.get("epochs", settings.pipeline_epochs),
+            "learning_rate": params.get("learning_rate", 1e-3),
+            "batch_size": params.get("batch_size", 32),
+            "optimizer_type": params.get("optimizer_type", "adam"),
+            "seed": params.get("seed", 42),
+        }
+        jobs.append(make_config(**values).model_dump(mode="json"))  # checked before any work
+    log.info("version %s: %d training job(s): %s", version, len(jobs), model_types)
+    return jobs
+
+
+def version_of(jobs: Sequence[Mapping[str, Any]]) -> str:
+    """The dataset version a run's jobs train on (all of them name the same one)."""
+    versions = {str(job["dataset_version"]) for job in jobs}
+    if len(versions) != 1:
+        raise DataError(f"the jobs of one run must share one dataset version, got {versions}")
+    return versions.pop()
+
+
+def validate_data(version: str) -> dict[str, Any]:
+    """Every image of the version is in the cache, checksummed and decodable; counts per label."""
+    settings = task_settings()
+    store = _store(settings)
+    manifest = read_manifest(store, version)
+    labels = manifest.counts
+    if len(labels) < 2:
+        raise DataError(f"version {version!r} has labels {list(labels)}: at least two are needed")
+    dataset = TireImageDataset(
+        manifest.records, sorted(labels), ContentCache(settings.resolved_cache_dir), memory_mb=0
+    )
+    dataset.prepare(store, max_workers=settings.s3_max_workers, progress=False)
+    for index in range(len(dataset)):
+        dataset[index]  # decodes; a corrupt cached file raises here, before any training
+    return {
+        "version": version,
+        "images": len(manifest.records),
+        "labels": labels,
+        "skipped": len(manifest.skipped),
+    }
+
+
+def split(version: str, ratios: Sequence[float] = DEFAULT_RATIOS) -> dict[str, dict[str, int]]:
+    """The version's splits (made once; a re-run reads them back): counts per split and label."""
+    splits = ensure_splits(_store(task_settings()), version, ratios)
+    return {name: manifest.counts for name, manifest in splits.items()}
+
+
+def train(job: Mapping[str, Any]) -> dict[str, Any]:
+    """Train one model, or return the finished run of the same job trained before."""
+    from tirelib.train import find_finished_run, make_config
+    from tirelib.train import train as run_training
+
+    settings = task_settings()
+    config = make_config(**job)
+    earlier = find_finished_run(config, settings)
+    if earlier is not None:
+        log.info("job already trained in run %s; reusing it", earlier.run_id)
+        return earlier.summary()
+    return run_training(config, settings, progress=False).summary()
+
+
+def evaluate(version: str, trained: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Challengers' scores (their runs') and the champion's on the same test split."""
+    from tirelib.evaluate import evaluate_model
+    from tirelib.registry import PRODUCTION, info
+
+    settings = task_settings()
+    production = info(settings).production
+    champion = None
+    if production is not None:
+        uri = f"models:/{settings.model_name}@{PRODUCTION}"
+        scored = evaluate_model(uri, version, settings, progress=False)
+        champion = {"version": production.version, "metrics": scored.flat()}
+    challengers = [
+        {"run_id": t["run_id"], "model_type": t["model_type"], "metrics": t["test_metrics"]}
+        for t in trained
+    ]
+    return {"version": version, "champion": champion, "challengers": challengers}
+
+
+def register(trained: Sequence[Mapping[str, Any]], thresholds: Mapping[str, Any]) -> list[dict]:
+    """Register the runs that pass the thresholds; a run that fails them is a metric drop."""
+    from tirelib.registry import Thresholds, register_run
+
+    settings = task_settings()
+    limits = Thresholds(**thresholds)
+    results = [register_run(settings, t["run_id"], thresholds=limits).summary() for t in trained]
+    for result in results:
+        if result["metric_drop"]:
+            notify.send(f":warning: metric drop: {result['message']}", settings)
+    return results
+
+
+def stage(registered: Sequence[Mapping[str, Any]], metric: str) -> dict[str, Any] | None:
+    """Point ``staging`` at the best of this run's registered versions."""
+    from tirelib.registry import stage as stage_best
+
+    versions = [r["version"] for r in registered if r["registered"]]
+    if not versions:
+        log.info("no version of this run passed the thresholds: nothing to stage")
+        return None
+    settings = task_settings()
+    best = _best(registered, metric)
+    return stage_best(settings, metric=metric, version=best).summary()
+
+
+def _best(registered: Sequence[Mapping[str, Any]], metric: str) -> str:
+    from tirelib.metrics import canonical_metric, higher_is_better
+
+    name = canonical_metric(metric)
+    candidates = [r for r in registered if r["registered"]]
+    sign = 1 if higher_is_better(name) else -1
+    best = max(candidates, key=lambda r: sign * r["metrics"].get(f"test_{name}", float("-inf")))
+    return str(best["version"])
+
+
+def promote(
+    staged: Mapping[str, Any] | None, metric: str, thresholds: Mapping[str, Any]
+) -> dict[str, Any] | None:
+    """Move ``production`` to the staged version if it beats the champion on the same split."""
+    from tirelib.registry import Thresholds, produce
+
+    if not staged:
+        return None
+    settings = task_settings()
+    result = produce(
+        settings,
+        metric=metric,
+        version=staged["version"],
+        thresholds=Thresholds(**thresholds),
+        by=os.environ.get("AIRFLOW_CTX_DAG_RUN_ID"),
+        progress=False,
+    ).summary()
+    if result["metric_drop"]:
+        notify.send(f":warning: metric drop: {result['message']}", settings)
+    return result
+
+
+def mark_processed(version: str, summary: Mapping[str, Any]) -> str:
+    """Write ``state/processed/<version>.json``: the sensor will not announce it again."""
+    data.mark_processed(_store(task_settings()), version, dict(summary))
+    return processed_key(version)
+
+
+def report(
+    version: str,
+    evaluation: Mapping[str, Any],
+    promotion: Mapping[str, Any] | None,
+) -> str:
+    """A summary of the run for Slack: the challengers, the champion, what was promoted."""
+    settings = task_settings()
+    lines = [f"*tire pipeline* on dataset version `{version}`"]
+    for challenger in evaluation.get("challengers", []):
+        metrics = challenger["metrics"]
+        lines.append(
+            f"- {challenger['model_type']} (run {challenger['run_id'][:8]}): "
+            f"accuracy {metrics.get('test_accuracy', float('nan')):.3f}, "
+            f"f1 {metrics.get('test_f1', float('nan')):.3f}"
+        )
+    champion = evaluation.get("champion")
+    if champion:
+        metrics = champion["metrics"]
+        lines.append(
+            f"- champion v{champion['version']} on the same split: "
+            f"accuracy {metrics.get('test_accuracy', float('nan')):.3f}, "
+            f"f1 {metrics.get('test_f1', float('nan')):.3f}"
+        )
+    if promotion is None:
+        lines.append("no model was promoted (none passed the thresholds)")
+    else:
+        emoji = ":rocket:" if promotion["promoted"] else ":no_entry:"
+        lines.append(f"{emoji} {promotion['message']}")
+    text = "\n".join(lines)
+    notify.send(text, settings)
+    return text
