@@ -10,22 +10,14 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from airflow.providers.amazon.aws.sensors.s3 import S3KeySensor
-from airflow.providers.slack.notifications.slack_webhook import SlackWebhookNotifier
-from airflow.sdk import DAG, Asset, Metadata, task
+from airflow.sdk import DAG, Metadata, task
 
+from tirelib.orchestration import failure_notifier, io_retries, raw_data_asset
 from tirelib.pipeline import AWS_CONN_ID, has_new_versions
 from tirelib.settings import get_settings
 
 settings = get_settings()
-RAW_DATA = Asset(uri=f"s3://{settings.data_bucket}/raw", name="tire_raw_data")
-
-on_failure = SlackWebhookNotifier(
-    slack_webhook_conn_id="slack_webhook",
-    text=(
-        ":red_circle: {{ dag.dag_id }}.{{ ti.task_id }} failed (try {{ ti.try_number }}): "
-        "{{ exception }}\nlog: {{ ti.log_url }}"
-    ),
-)
+RAW_DATA = raw_data_asset(settings)
 
 with DAG(
     dag_id="tire_data_sensor",
@@ -34,13 +26,7 @@ with DAG(
     start_date=datetime(2026, 1, 1),
     catchup=False,
     max_active_runs=1,
-    default_args={
-        "retries": 3,
-        "retry_delay": timedelta(seconds=30),
-        "retry_exponential_backoff": True,
-        "max_retry_delay": timedelta(minutes=10),
-        "on_failure_callback": [on_failure],
-    },
+    default_args={**io_retries(), "on_failure_callback": [failure_notifier()]},
     tags=["tire", "data"],
     doc_md=__doc__,
 ):

@@ -9,30 +9,15 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from airflow.providers.slack.notifications.slack_webhook import SlackWebhookNotifier
-from airflow.sdk import DAG, Asset, Param, task
+from airflow.sdk import DAG, Param, task
 
 from tirelib.models import list_models
+from tirelib.orchestration import failure_notifier, io_retries, raw_data_asset
 from tirelib.settings import get_settings
 
 settings = get_settings()
-RAW_DATA = Asset(uri=f"s3://{settings.data_bucket}/raw", name="tire_raw_data")
+RAW_DATA = raw_data_asset(settings)
 METRICS = ["loss", "accuracy", "precision", "recall", "f1"]
-
-on_failure = SlackWebhookNotifier(
-    slack_webhook_conn_id="slack_webhook",
-    text=(
-        ":red_circle: {{ dag.dag_id }}.{{ ti.task_id }} failed (try {{ ti.try_number }}) "
-        "on {{ params.dataset_version or 'the announced version' }}: {{ exception }}\n"
-        "log: {{ ti.log_url }}"
-    ),
-)
-io_retries = {
-    "retries": 3,
-    "retry_delay": timedelta(seconds=20),
-    "retry_exponential_backoff": True,
-    "max_retry_delay": timedelta(minutes=5),
-}
 
 with DAG(
     dag_id="tire_training_pipeline",
@@ -42,10 +27,9 @@ with DAG(
     catchup=False,
     max_active_runs=1,
     default_args={
-        "retries": 1,
-        "retry_delay": timedelta(seconds=30),
+        **io_retries(retries=1),
         "execution_timeout": timedelta(minutes=30),
-        "on_failure_callback": [on_failure],
+        "on_failure_callback": [failure_notifier()],
     },
     params={
         "dataset_version": Param(
@@ -67,7 +51,7 @@ with DAG(
         "optimizer_type": Param("adam", type="string", enum=["adam", "adamw", "sgd", "rmsprop"]),
         "metric": Param("f1", type="string", enum=METRICS, description="Chooses and gates."),
         "thresholds": Param(
-            {"accuracy": 0.8, "f1": 0.75, "margin": 0.0},
+            {"accuracy": settings.min_accuracy, "f1": settings.min_f1, "margin": 0.0},
             type="object",
             description="Floors a model must reach to be registered, and the margin by which "
             "it must beat production on the same test split.",
@@ -77,19 +61,19 @@ with DAG(
     doc_md=__doc__,
 ):
 
-    @task.short_circuit(**io_retries)
+    @task.short_circuit(**io_retries())
     def resolve_version(params=None, triggering_asset_events=None):
         from tirelib import pipeline
 
         return pipeline.resolve_version(params, triggering_asset_events)
 
-    @task(**io_retries)
+    @task(**io_retries())
     def validate_data(jobs: list[dict]):
         from tirelib import pipeline
 
         return pipeline.validate_data(pipeline.version_of(jobs))
 
-    @task(**io_retries)
+    @task(**io_retries())
     def split(jobs: list[dict]):
         from tirelib import pipeline
 
@@ -112,31 +96,31 @@ with DAG(
 
         return pipeline.evaluate(pipeline.version_of(jobs), list(trained))
 
-    @task(**io_retries)
+    @task(**io_retries())
     def register(trained: list[dict], params=None):
         from tirelib import pipeline
 
         return pipeline.register(list(trained), params["thresholds"])
 
-    @task(**io_retries)
+    @task(**io_retries())
     def stage(registered: list[dict], params=None):
         from tirelib import pipeline
 
         return pipeline.stage(registered, params["metric"])
 
-    @task(**io_retries)
+    @task(**io_retries())
     def promote(staged: dict | None, params=None):
         from tirelib import pipeline
 
         return pipeline.promote(staged, params["metric"], params["thresholds"])
 
-    @task(**io_retries)
+    @task(**io_retries())
     def mark_processed(jobs: list[dict], promotion: dict | None):
         from tirelib import pipeline
 
         return pipeline.mark_processed(pipeline.version_of(jobs), {"promotion": promotion})
 
-    @task(**io_retries)
+    @task(**io_retries())
     def report(jobs: list[dict], evaluation: dict, promotion: dict | None):
         from tirelib import pipeline
 

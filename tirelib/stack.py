@@ -979,6 +979,8 @@ class Stack:
                     settings, s3_endpoint_url=s3_url(settings), workers=mlflow_workers
                 ),
             ]
+            if settings.stack_with_airflow:
+                components.append(airflow_component(settings))
         self.components = list(components)
 
     def __iter__(self) -> Iterator[Component]:

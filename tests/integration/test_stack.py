@@ -72,6 +72,7 @@ def stack_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Setti
     monkeypatch.setenv("TIRE_MLFLOW_PORT", str(mlflow_port))
     monkeypatch.setenv("TIRE_S3_ENDPOINT_URL", f"http://127.0.0.1:{s3_port}")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{mlflow_port}")
+    monkeypatch.setenv("TIRE_STACK_WITH_AIRFLOW", "false")  # Airflow has tests of its own
     reset_settings()
     yield get_settings()
     reset_settings()

@@ -356,7 +356,11 @@ def test_stack_defaults_need_no_exports_and_use_sqlite(tmp_path: Path) -> None:
         database_url=None,
     )
     stack = Stack(settings)
-    assert [c.name for c in stack] == ["seaweedfs", "mlflow"]
+    assert [c.name for c in stack] == ["seaweedfs", "mlflow", "airflow"]
+    assert [c.name for c in Stack(settings.model_copy(update={"stack_with_airflow": False}))] == [
+        "seaweedfs",
+        "mlflow",
+    ]
     assert stack.exports() == {}
     assert mlflow_backend_uri(settings) == f"sqlite:///{(tmp_path / 'stack' / 'mlflow.db')}"
 

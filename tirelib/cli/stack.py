@@ -1,4 +1,4 @@
-"""`tirelib stack`: start, stop and inspect the local servers (SeaweedFS S3, MLflow).
+"""`tirelib stack`: start, stop and inspect the local servers (SeaweedFS S3, MLflow, Airflow).
 
 State lives in ``<TIRE_HOME>/stack``: one pid file per server and its log in ``logs/``.
 ``status`` exits 0 when every server runs and answers, 1 otherwise, so scripts can wait on it.
@@ -9,10 +9,10 @@ from __future__ import annotations
 import typer
 
 from tirelib.settings import get_settings
-from tirelib.stack import ComponentStatus, Stack
+from tirelib.stack import ComponentStatus, Stack, airflow_password, airflow_url
 
 app = typer.Typer(
-    help="Start, stop and inspect the local stack (SeaweedFS S3, MLflow) on 127.0.0.1.",
+    help="Start, stop and inspect the local stack (SeaweedFS S3, MLflow, Airflow) on 127.0.0.1.",
     no_args_is_help=True,
 )
 
@@ -28,6 +28,13 @@ def up() -> None:
     for status in stack.up():
         typer.echo(_line(status, status.describe()))
     typer.echo(f"logs: {stack.settings.stack_dir / 'logs'}")
+    if any(component.name == "airflow" for component in stack):
+        password = airflow_password(stack.settings)
+        where = stack.settings.resolved_airflow_home / "simple_auth_manager_passwords.json"
+        typer.echo(
+            f"Airflow UI: {airflow_url(stack.settings)}  user admin, password {password} "
+            f"(kept in {where})"
+        )
     exports = stack.exports()
     if exports:
         typer.echo("to use this stack from a shell, export:")
