@@ -18,6 +18,7 @@ import secrets
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -114,16 +115,15 @@ def _pg_connect(dbname: str = "postgres") -> Any:
     return connection
 
 
-@pytest.fixture(scope="session")
-def pg_database_url() -> Iterator[str]:
-    """A fresh database ``tirelib_test_<random>`` on the local PostgreSQL, dropped at the end.
+@contextmanager
+def fresh_database(prefix: str = "tirelib_test") -> Iterator[str]:
+    """Create database ``<prefix>_<random>`` on the local PostgreSQL; drop it afterwards.
 
-    Returns a SQLAlchemy URL with the psycopg2 driver named
-    (``postgresql+psycopg2://postgres@127.0.0.1:5432/tirelib_test_...``): SQLAlchemy 2.1 reads a
-    bare ``postgresql://`` as psycopg 3, which is not installed. Fails the test with a clear
-    message when PostgreSQL cannot be reached.
+    Yields a SQLAlchemy URL with the psycopg2 driver named
+    (``postgresql+psycopg2://postgres@127.0.0.1:5432/<name>``): SQLAlchemy 2.1 reads a bare
+    ``postgresql://`` as psycopg 3, which is not installed.
     """
-    name = f"tirelib_test_{secrets.token_hex(4)}"
+    name = f"{prefix}_{secrets.token_hex(4)}"
     connection = _pg_connect()
     try:
         with connection.cursor() as cursor:
@@ -144,6 +144,16 @@ def pg_database_url() -> Iterator[str]:
                 cursor.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
         finally:
             connection.close()
+
+
+@pytest.fixture(scope="session")
+def pg_database_url() -> Iterator[str]:
+    """A fresh database ``tirelib_test_<random>`` on the local PostgreSQL, dropped at the end.
+
+    Fails the test with a clear message when PostgreSQL cannot be reached.
+    """
+    with fresh_database() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -148,6 +148,24 @@ class Settings(BaseSettings):
         return self.airflow_home if self.airflow_home is not None else self.home / "airflow"
 
 
+SECRET_FIELDS = frozenset({"aws_access_key_id", "aws_secret_access_key", "slack_webhook_url"})
+
+
+def settings_env(settings: Settings, *, secrets: bool = False) -> dict[str, str]:
+    """``TIRE_*`` variables that give another process these settings (credentials only on
+    request: inside Airflow they come from connections)."""
+    env = {}
+    for name, value in settings.model_dump().items():
+        if value is None or (name in SECRET_FIELDS and not secrets):
+            continue
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        env[f"TIRE_{name.upper()}"] = (
+            str(value.absolute()) if isinstance(value, Path) else str(value)
+        )
+    return env
+
+
 def _explain(error: ValidationError) -> str:
     lines = []
     for item in error.errors():

@@ -50,7 +50,7 @@ from pathlib import Path
 from botocore.exceptions import BotoCoreError, ClientError
 
 from tirelib.errors import StackError
-from tirelib.settings import Settings
+from tirelib.settings import Settings, settings_env
 from tirelib.storage import s3_client
 
 log = logging.getLogger(__name__)
@@ -871,15 +871,11 @@ def airflow_env(settings: Settings) -> dict[str, str]:
     """The environment Airflow and its tasks run in: its home, connections, tirelib's settings."""
     env = _clean_env()
     env.update(airflow_connections(settings))
+    env.update(settings_env(settings))
     env.update(
         {
             "AIRFLOW_HOME": str(settings.resolved_airflow_home.absolute()),
             "MLFLOW_TRACKING_URI": settings.mlflow_tracking_uri,
-            "TIRE_HOME": str(settings.home.absolute()),
-            "TIRE_DATA_BUCKET": settings.data_bucket,
-            "TIRE_EXPERIMENT": settings.experiment,
-            "TIRE_MODEL_NAME": settings.model_name,
-            "TIRE_SENSOR_POKE_SECONDS": str(settings.sensor_poke_seconds),
             # Task processes must not inherit a terminal's idea of progress bars.
             "NO_COLOR": "1",
             # `airflow standalone` starts its components as `airflow ...` from PATH.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated
 
 import typer
@@ -10,42 +11,55 @@ from tirelib.cli import data as data_cli
 from tirelib.cli import stack as stack_cli
 from tirelib.settings import get_settings
 
+SENSOR = "tire_data_sensor"
+PIPELINE = "tire_training_pipeline"
+
 
 def demo(
-    version: Annotated[str, typer.Option(help="Dataset version to make and train on.")] = "demo-1",
-    count: Annotated[int, typer.Option(help="Synthetic images to draw.")] = 600,
+    version: Annotated[str, typer.Option(help="Dataset version to make and upload.")] = "demo-1",
+    count: Annotated[int, typer.Option(help="Synthetic images to draw.")] = 800,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic images.")] = 7,
-    model_type: Annotated[str, typer.Option(help="Architecture to train.")] = "cnn",
-    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 5,
+    timeout: Annotated[int, typer.Option(help="Seconds to wait for the pipeline.")] = 900,
 ) -> None:
-    """Start the local stack, draw and upload a synthetic version, split it, train a model."""
-    from tirelib.train import make_config, train
+    """Start the stack, upload a synthetic version, and let Airflow take it to production."""
+    from tirelib.airflow_api import AirflowClient
+    from tirelib.registry import info
+    from tirelib.stack import airflow_password, airflow_url
 
     settings = get_settings()
-    config = make_config(dataset_version=version, model_type=model_type, epochs=epochs)
-
-    typer.secho("== 1. local stack", bold=True)
+    typer.secho("== 1. the local stack: S3, MLflow, Airflow", bold=True)
     stack_cli.up()
+
     typer.secho("== 2. synthetic tires", bold=True)
     source = settings.home / "demo" / f"synthetic-{seed}-{count}"
     data_cli.synth(out=source, count=count, seed=seed, size=128, defect_ratio=0.5)
-    typer.secho(f"== 3. upload as version {version}", bold=True)
+
+    typer.secho(f"== 3. upload as dataset version {version}", bold=True)
     data_cli.upload(source, version=version, force=False)
     data_cli.list_(as_json=False)
-    typer.secho("== 4. split by content hash", bold=True)
-    data_cli.split(version=version, ratios="0.7,0.15,0.15")
-    typer.secho(f"== 5. train {config.model_type} for up to {epochs} epochs", bold=True)
-    result = train(config, settings)
-    metrics = ", ".join(
-        f"{k.removeprefix('test_')} {v:.3f}" for k, v in result.test_metrics.items()
-    )
-    typer.echo(f"{result.stop_reason}; test: {metrics}")
-    typer.secho("== where to look", bold=True)
-    typer.echo(f"MLflow UI:   {settings.mlflow_tracking_uri} (experiment {settings.experiment})")
-    import mlflow
 
-    experiment_id = mlflow.get_run(str(result.run_id)).info.experiment_id
-    run_url = f"{settings.mlflow_tracking_uri}/#/experiments/{experiment_id}/runs/{result.run_id}"
-    typer.echo(f"this run:    {run_url}")
-    typer.echo(f"model:       {result.model_uri}")
-    typer.echo("stop the stack with: tirelib stack down")
+    typer.secho("== 4. the sensor notices it; the training pipeline runs", bold=True)
+    url = airflow_url(settings)
+    with AirflowClient(url, "admin", airflow_password(settings) or "") as client:
+        client.wait_for_dag(PIPELINE)
+        before = {run["dag_run_id"] for run in client.dag_runs(PIPELINE)}
+        client.wait_for_dag(SENSOR)
+        client.trigger(SENSOR)  # the schedule would too, within minutes
+        typer.echo(f"waiting for {PIPELINE} (follow it at {url}/dags/{PIPELINE}) ...")
+        run = client.wait_for_run(PIPELINE, after=before, timeout=timeout)
+        for task in client.task_instances(PIPELINE, run["dag_run_id"]):
+            index = f"[{task['map_index']}]" if task["map_index"] >= 0 else ""
+            typer.echo(f"  {task['task_id']}{index:<4} {task['state']}")
+    if run["state"] != "success":
+        typer.secho(f"the pipeline run {run['dag_run_id']} ended {run['state']}", fg="red")
+        raise typer.Exit(1)
+
+    typer.secho("== 5. the production model", bold=True)
+    production = info(settings).production
+    typer.echo(json.dumps(production.summary() if production else None, indent=1, default=str))
+
+    typer.secho("== where to look", bold=True)
+    password = airflow_password(settings)
+    typer.echo(f"Airflow UI: {url}  (user admin, password {password})")
+    typer.echo(f"MLflow UI:  {settings.mlflow_tracking_uri}  (experiment {settings.experiment})")
+    typer.echo("stop everything with: .venv/bin/tirelib stack down")

@@ -1,0 +1,164 @@
+"""The whole pipeline on the real scheduler: upload -> sensor -> training pipeline -> production.
+
+Airflow (``airflow standalone``, metadata on PostgreSQL), SeaweedFS S3, an MLflow server on
+PostgreSQL and a local Slack receiver all run on loopback. The tests run in order and share
+one stack: each scenario leaves the lake and the registry as the next one expects.
+"""
+
+from __future__ import annotations
+
+import random
+import secrets
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from tests.conftest import S3Server, SlackReceiver, fresh_database
+from tirelib.airflow_api import AirflowClient
+from tirelib.data import upload_version
+from tirelib.registry import info
+from tirelib.settings import Settings, load_settings
+from tirelib.stack import (
+    airflow_component,
+    airflow_password,
+    airflow_url,
+    create_buckets,
+    free_port,
+)
+from tirelib.storage import ObjectStore, processed_key
+from tirelib.synth import generate
+
+pytestmark = pytest.mark.e2e
+
+SENSOR = "tire_data_sensor"
+PIPELINE = "tire_training_pipeline"
+
+
+@dataclass
+class Stack:
+    settings: Settings
+    airflow: AirflowClient
+    slack: SlackReceiver
+    store: ObjectStore
+    data: Path
+
+    def run_pipeline_after_upload(self) -> dict:
+        """Let the sensor notice what was uploaded; wait for the pipeline run it schedules."""
+        before = {r["dag_run_id"] for r in self.airflow.dag_runs(PIPELINE)}
+        self.airflow.trigger(SENSOR)
+        return self.airflow.wait_for_run(PIPELINE, after=before, timeout=900)
+
+    def run_pipeline(self, **conf: object) -> dict:
+        run_id = self.airflow.trigger(PIPELINE, conf)
+        return self.airflow.wait_for_run(PIPELINE, run_id, timeout=900)
+
+    def counts(self) -> tuple[int, int]:
+        """MLflow runs in the experiment, and versions of the registered model."""
+        client = MlflowClient(self.settings.mlflow_tracking_uri)
+        experiment = client.get_experiment_by_name(self.settings.experiment)
+        runs = client.search_runs([experiment.experiment_id]) if experiment else []
+        versions = client.search_model_versions(f"name = '{self.settings.model_name}'")
+        return len(runs), len(versions)
+
+
+@pytest.fixture(scope="module")
+def stack(
+    tmp_path_factory: pytest.TempPathFactory,
+    s3_server: S3Server,
+    mlflow_server: str,
+    _slack_server: SlackReceiver,
+) -> Iterator[Stack]:
+    home = tmp_path_factory.mktemp("e2e")
+    suffix = secrets.token_hex(4)
+    with fresh_database("tirelib_test_airflow") as airflow_db:
+        settings = load_settings(
+            home=home / "home",
+            s3_endpoint_url=s3_server.endpoint_url,
+            aws_access_key_id=s3_server.access_key,
+            aws_secret_access_key=s3_server.secret_key,
+            data_bucket=f"tire-data-{suffix}",
+            mlflow_tracking_uri=mlflow_server,
+            experiment=f"tire-e2e-{suffix}",
+            model_name=f"tire-e2e-{suffix}",
+            slack_webhook_url=_slack_server.url,
+            airflow_port=free_port(),
+            airflow_database_url=airflow_db,
+            sensor_poke_seconds=5,
+            pipeline_epochs=5,
+            min_accuracy=0.7,
+            min_f1=0.6,
+        )
+        create_buckets(settings, [settings.data_bucket])
+        component = airflow_component(settings)
+        component.up()
+        try:
+            client = AirflowClient(airflow_url(settings), "admin", airflow_password(settings) or "")
+            with client:
+                client.wait_for_dag(SENSOR)
+                client.wait_for_dag(PIPELINE)
+                yield Stack(settings, client, _slack_server, ObjectStore.for_data(settings), home)
+        finally:
+            component.down()
+
+
+def _synthetic(root: Path, count: int, seed: int) -> Path:
+    generate(root, count, seed=seed, size=64)
+    return root
+
+
+def _shuffled_labels(source: Path, target: Path, seed: int) -> Path:
+    """The same images under random labels: nothing left to learn."""
+    rng = random.Random(seed)
+    files = sorted(source.rglob("*.png"))
+    for index, path in enumerate(files):
+        label = rng.choice(["good", "defective"])
+        (target / label).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, target / label / f"img_{index:05d}.png")
+    return target
+
+
+def test_an_upload_is_noticed_trained_and_promoted(stack: Stack) -> None:
+    stack.slack.start()
+    stack.slack.clear()
+    upload_version(stack.store, _synthetic(stack.data / "v1", 300, seed=1), "v1", progress=False)
+    run = stack.run_pipeline_after_upload()
+    assert run["state"] == "success"
+    production = info(stack.settings).production
+    assert production is not None and production.dataset_version == "v1"
+    assert stack.store.exists(processed_key("v1"))
+    assert any("production" in text and "now version" in text for text in stack.slack.texts())
+
+
+def test_a_worse_version_is_not_promoted_and_slack_hears_of_it(stack: Stack) -> None:
+    stack.slack.clear()
+    before = info(stack.settings).production
+    noise = _shuffled_labels(_synthetic(stack.data / "v2-src", 300, seed=2), stack.data / "v2", 7)
+    upload_version(stack.store, noise, "v2", progress=False)
+    run = stack.run_pipeline_after_upload()
+    assert run["state"] == "success"
+    after = info(stack.settings).production
+    assert before is not None and after is not None and after.version == before.version
+    assert any("metric drop" in text for text in stack.slack.texts())
+
+
+def test_a_rerun_with_slack_down_succeeds_and_duplicates_nothing(stack: Stack) -> None:
+    runs, versions = stack.counts()
+    stack.slack.stop()
+    try:
+        run = stack.run_pipeline(dataset_version="v1")
+    finally:
+        stack.slack.start()
+    assert run["state"] == "success"
+    assert stack.counts() == (runs, versions)
+
+
+def test_a_failing_task_reaches_slack(stack: Stack) -> None:
+    stack.slack.clear()
+    run = stack.run_pipeline(dataset_version="no-such-version")
+    assert run["state"] == "failed"
+    texts = stack.slack.wait_for(1, timeout=60) and stack.slack.texts()
+    assert any("resolve_version failed" in text and "no-such-version" in text for text in texts)
