@@ -1,0 +1,93 @@
+"""The pipeline's task bodies run without Airflow: the sensor's check, resolution, idempotency."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from tirelib import pipeline
+from tirelib.data import upload_version
+from tirelib.errors import ConfigurationError, DataError
+from tirelib.settings import Settings
+from tirelib.storage import ObjectStore
+from tirelib.synth import generate
+
+pytestmark = pytest.mark.integration
+
+
+@dataclass
+class Event:
+    extra: dict
+
+
+@pytest.fixture
+def lake(tracked_env: Settings, tmp_path: Path) -> ObjectStore:
+    store = ObjectStore.for_data(tracked_env)
+    generate(tmp_path / "v1", 120, seed=3, size=64)
+    upload_version(store, tmp_path / "v1", "v1", progress=False)
+    return store
+
+
+def _manifests(store: ObjectStore) -> list[dict]:
+    return [
+        {"Key": o.key, "Size": o.size}
+        for o in store.iter_objects("raw/")
+        if o.key.endswith("/_manifest.json")
+    ]
+
+
+def test_the_sensor_check_sees_only_unprocessed_versions(lake: ObjectStore) -> None:
+    assert pipeline.has_new_versions(_manifests(lake))
+    assert pipeline.announce_versions() == {"version": "v1", "pending": ["v1"]}
+    pipeline.mark_processed("v1", {"promotion": None})
+    assert not pipeline.has_new_versions(_manifests(lake))
+    assert pipeline.new_versions() == []
+    with pytest.raises(DataError, match="no unprocessed version"):
+        pipeline.announce_versions()
+
+
+def test_resolution_from_an_event_or_params(lake: ObjectStore) -> None:
+    events = {"tire_raw_data": [Event({"version": "v1", "pending": ["v1"]})]}
+    jobs = pipeline.resolve_version({"model_types": ["cnn", "tinyvgg"], "epochs": 2}, events)
+    assert [j["model_type"] for j in jobs] == ["cnn", "tinyvgg"]
+    assert pipeline.version_of(jobs) == "v1"
+    assert jobs[0]["epochs"] == 2
+    pipeline.mark_processed("v1", {})
+    # A duplicate event for a processed version: nothing to do, the run skips the rest.
+    assert pipeline.resolve_version({}, events) == []
+    # By hand, a processed version runs again.
+    assert pipeline.version_of(pipeline.resolve_version({"dataset_version": "v1"})) == "v1"
+
+
+@pytest.mark.parametrize(
+    ("params", "error", "message"),
+    [
+        ({"dataset_version": "nope"}, DataError, "not found"),
+        ({"dataset_version": "v1", "optimizer_type": "adagrad"}, ConfigurationError, "rmsprop"),
+        ({"dataset_version": "v1", "model_types": ["vgg"]}, ConfigurationError, "choose one of"),
+    ],
+)
+def test_bad_params_stop_before_any_work(
+    lake: ObjectStore, params: dict, error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        pipeline.resolve_version(params)
+
+
+def test_a_retried_step_makes_nothing_twice(tracked_env: Settings, lake: ObjectStore) -> None:
+    assert pipeline.validate_data("v1")["images"] == 120
+    first_split = pipeline.split("v1")
+    assert pipeline.split("v1") == first_split
+    (job,) = pipeline.resolve_version({"dataset_version": "v1", "epochs": 1})
+    first = pipeline.train(job)
+    again = pipeline.train(job)
+    assert again["run_id"] == first["run_id"]
+    assert again["test_metrics"] == first["test_metrics"]
+    client = MlflowClient(tracked_env.mlflow_tracking_uri)
+    experiment = client.get_experiment_by_name(tracked_env.experiment)
+    assert len(client.search_runs([experiment.experiment_id])) == 1
+    other = pipeline.train({**job, "seed": 7})  # another job trains anew
+    assert other["run_id"] != first["run_id"]
