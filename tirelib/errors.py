@@ -29,3 +29,11 @@ class StorageError(TirelibError):
 
 class StackError(TirelibError):
     """A local server of the stack failed to start, answer or stop."""
+
+
+class RegistryError(TirelibError):
+    """The model registry refused a request, or a registry operation cannot go ahead."""
+
+
+class RegistryUnavailableError(RegistryError):
+    """The MLflow tracking server could not be reached, even after retries."""

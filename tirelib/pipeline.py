@@ -229,7 +229,7 @@ def register(trained: Sequence[Mapping[str, Any]], thresholds: Mapping[str, Any]
     from tirelib.registry import Thresholds, register_run
 
     settings = task_settings()
-    limits = Thresholds(**thresholds)
+    limits = Thresholds.parse(thresholds)
     results = [register_run(settings, t["run_id"], thresholds=limits).summary() for t in trained]
     for result in results:
         if result["metric_drop"]:
@@ -273,7 +273,7 @@ def promote(
         settings,
         metric=metric,
         version=staged["version"],
-        thresholds=Thresholds(**thresholds),
+        thresholds=Thresholds.parse(thresholds),
         by=os.environ.get("AIRFLOW_CTX_DAG_RUN_ID"),
         progress=False,
     ).summary()
