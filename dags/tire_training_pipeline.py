@@ -109,19 +109,19 @@ with DAG(
         return pipeline.stage(registered, params["metric"])
 
     @task(**io_retries())
-    def promote(staged: dict | None, params=None):
+    def promote(staged: dict, params=None):
         from tirelib import pipeline
 
         return pipeline.promote(staged, params["metric"], params["thresholds"])
 
     @task(**io_retries())
-    def mark_processed(jobs: list[dict], promotion: dict | None):
+    def mark_processed(jobs: list[dict], promotion: dict):
         from tirelib import pipeline
 
         return pipeline.mark_processed(pipeline.version_of(jobs), {"promotion": promotion})
 
     @task(**io_retries())
-    def report(jobs: list[dict], evaluation: dict, promotion: dict | None):
+    def report(jobs: list[dict], evaluation: dict, promotion: dict):
         from tirelib import pipeline
 
         return pipeline.report(pipeline.version_of(jobs), evaluation, promotion)

@@ -237,14 +237,14 @@ def register(trained: Sequence[Mapping[str, Any]], thresholds: Mapping[str, Any]
     return results
 
 
-def stage(registered: Sequence[Mapping[str, Any]], metric: str) -> dict[str, Any] | None:
-    """Point ``staging`` at the best of this run's registered versions."""
+def stage(registered: Sequence[Mapping[str, Any]], metric: str) -> dict[str, Any]:
+    """Point ``staging`` at the best of this run's registered versions ({} when none passed)."""
     from tirelib.registry import stage as stage_best
 
     versions = [r["version"] for r in registered if r["registered"]]
     if not versions:
         log.info("no version of this run passed the thresholds: nothing to stage")
-        return None
+        return {}
     settings = task_settings()
     best = _best(registered, metric)
     return stage_best(settings, metric=metric, version=best).summary()
@@ -261,13 +261,16 @@ def _best(registered: Sequence[Mapping[str, Any]], metric: str) -> str:
 
 
 def promote(
-    staged: Mapping[str, Any] | None, metric: str, thresholds: Mapping[str, Any]
-) -> dict[str, Any] | None:
-    """Move ``production`` to the staged version if it beats the champion on the same split."""
+    staged: Mapping[str, Any], metric: str, thresholds: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Move ``production`` to the staged version if it beats the champion on the same split.
+
+    Returns {} when nothing was staged (XCom carries no None).
+    """
     from tirelib.registry import Thresholds, produce
 
     if not staged:
-        return None
+        return {}
     settings = task_settings()
     result = produce(
         settings,
@@ -288,11 +291,7 @@ def mark_processed(version: str, summary: Mapping[str, Any]) -> str:
     return processed_key(version)
 
 
-def report(
-    version: str,
-    evaluation: Mapping[str, Any],
-    promotion: Mapping[str, Any] | None,
-) -> str:
+def report(version: str, evaluation: Mapping[str, Any], promotion: Mapping[str, Any]) -> str:
     """A summary of the run for Slack: the challengers, the champion, what was promoted."""
     settings = task_settings()
     lines = [f"*tire pipeline* on dataset version `{version}`"]
@@ -311,7 +310,7 @@ def report(
             f"accuracy {metrics.get('test_accuracy', float('nan')):.3f}, "
             f"f1 {metrics.get('test_f1', float('nan')):.3f}"
         )
-    if promotion is None:
+    if not promotion:
         lines.append("no model was promoted (none passed the thresholds)")
     else:
         emoji = ":rocket:" if promotion["promoted"] else ":no_entry:"
