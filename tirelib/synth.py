@@ -35,7 +35,7 @@ _SUPERSAMPLE = 2  # the tire is drawn at twice the output size, then resampled: 
 _MIN_SIZE, _MAX_SIZE = 16, 1024
 _RADIUS = 0.47  # the tire's outer radius, as a fraction of the canvas side
 
-_Float = np.ndarray  # a float32 array; numpy's generic typing adds nothing here
+_Array = np.ndarray  # float32 pixels or coordinates; numpy's dtype typing adds little here
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,7 @@ def draw_tire(rng: np.random.Generator, size: int, defect: str | None) -> Image.
     The defect draws from a generator of its own, so the same ``rng`` state gives the same tire
     with and without a defect.
     """
+    _check_size(size)
     if defect is not None and defect not in DEFECT_KINDS:
         raise ConfigurationError(f"defect={defect!r} is unknown; allowed: None, {DEFECT_KINDS}")
     defect_rng = np.random.default_rng(int(rng.integers(2**63)))
@@ -103,21 +104,27 @@ def draw_tire(rng: np.random.Generator, size: int, defect: str | None) -> Image.
     tire = _sample_tire(rng, side)
     rho, phi = _polar(side)
 
-    wear = _wear_weight(defect_rng, phi) if defect == "worn" else None
+    wear = _wear(defect_rng, rho, phi) if defect == "worn" else None
     lum = _draw_sidewall(rng, rho, tire)
     _draw_tread(rng, lum, rho, phi, tire, wear)
     _draw_lettering(rng, lum, rho, phi, tire)
     _draw_rim(rng, lum, rho, phi, tire)
     if defect == "bulge":
-        _draw_bulge(defect_rng, lum, tire, light)
+        for _ in range(int(defect_rng.integers(1, 4))):
+            _draw_bulge(defect_rng, lum, tire, light)
 
     tint = rng.uniform(0.92, 1.08, size=3).astype(np.float32)
-    outline = 1.0 if wear is None else 1.0 - 0.06 * wear  # a worn tire loses its round edge
-    layer = _to_rgba(lum, tint, np.clip((outline - rho) * tire.radius + 0.5, 0.0, 1.0))
-    if defect == "crack":
-        _draw_crack(defect_rng, layer, tire, tint)
-    elif defect == "cut":
-        _draw_cut(defect_rng, layer, tire, tint)
+    outline = 1.0 if wear is None else 1.0 - 0.1 * wear[0]  # a worn tire loses its round edge
+    layer = _to_rgb(lum, tint)
+    if defect in ("crack", "cut"):
+        marked = layer.copy()
+        if defect == "crack":
+            _draw_crack(defect_rng, marked, tire, tint)
+        else:
+            for _ in range(int(defect_rng.integers(2, 4))):
+                _draw_cut(defect_rng, marked, tire, tint)
+        layer = Image.composite(marked, layer, _mask(rho >= tire.rim))  # rubber only, not metal
+    layer.putalpha(_mask(np.clip((outline - rho) * tire.radius + 0.5, 0.0, 1.0)))
 
     image = _place(rng, layer, _background(rng, size), size)
     if rng.random() < 0.5:
@@ -131,13 +138,17 @@ def draw_tire(rng: np.random.Generator, size: int, defect: str | None) -> Image.
 def _check_arguments(count: int, size: int, defect_ratio: float) -> None:
     if count < 1:
         raise ConfigurationError(f"count={count} is not allowed; it must be at least 1")
-    if not _MIN_SIZE <= size <= _MAX_SIZE:
-        raise ConfigurationError(
-            f"size={size} is not allowed; it must be between {_MIN_SIZE} and {_MAX_SIZE} pixels"
-        )
+    _check_size(size)
     if not 0.0 < defect_ratio < 1.0:
         raise ConfigurationError(
             f"defect_ratio={defect_ratio} is not allowed; it must lie strictly between 0 and 1"
+        )
+
+
+def _check_size(size: int) -> None:
+    if not _MIN_SIZE <= size <= _MAX_SIZE:
+        raise ConfigurationError(
+            f"size={size} is not allowed; it must be between {_MIN_SIZE} and {_MAX_SIZE} pixels"
         )
 
 
@@ -165,8 +176,8 @@ def _save_png(image: Image.Image, path: Path) -> None:
 # --- the tire -----------------------------------------------------------------------------------
 
 
-@functools.cache
-def _polar(side: int) -> tuple[_Float, _Float]:
+@functools.lru_cache(maxsize=4)
+def _polar(side: int) -> tuple[_Array, _Array]:
     """Radius (in tire radii) and angle of every canvas pixel about the centre (read-only)."""
     axis = (np.arange(side, dtype=np.float32) - (side - 1) / 2) / (_RADIUS * side)
     y, x = np.meshgrid(axis, axis, indexing="ij")
@@ -192,7 +203,7 @@ def _sample_tire(rng: np.random.Generator, side: int) -> _Tire:
     )
 
 
-def _draw_sidewall(rng: np.random.Generator, rho: _Float, tire: _Tire) -> _Float:
+def _draw_sidewall(rng: np.random.Generator, rho: _Array, tire: _Tire) -> _Array:
     """Rubber everywhere, shaded like a rounded sidewall, with a few moulded rings."""
     t = np.clip((rho - tire.rim) / (tire.tread - tire.rim), 0.0, 1.0)
     lum = tire.rubber + rng.uniform(4.0, 14.0) * np.sin(np.pi * t) - 4.0 * t
@@ -202,25 +213,30 @@ def _draw_sidewall(rng: np.random.Generator, rho: _Float, tire: _Tire) -> _Float
     return lum.astype(np.float32)
 
 
-def _wear_weight(rng: np.random.Generator, phi: _Float) -> _Float:
-    """How worn each angle is: 1 inside the worn sector, fading to 0 over its edges."""
+def _wear(rng: np.random.Generator, rho: _Array, phi: _Array) -> tuple[_Array, _Array]:
+    """A worn sector: how much of the grooves is gone (0-1), and the shine of the bare rubber.
+
+    Where the rubber is worn through, the wires of the steel belt show as pale stripes.
+    """
     centre, half_width = rng.uniform(-np.pi, np.pi), rng.uniform(1.2, 1.8)
     distance = np.abs((phi - centre + np.pi) % (2 * np.pi) - np.pi)
-    weight = np.clip((half_width - distance) / 0.15, 0.0, 1.0)
-    return (rng.uniform(0.9, 1.0) * weight).astype(np.float32)
+    weight = np.clip((half_width - distance) / 0.15, 0.0, 1.0).astype(np.float32)
+    belt = np.sin(rho * rng.uniform(60.0, 80.0) + rng.uniform(0, 2 * np.pi)) > 0.3
+    shine = weight * (rng.uniform(30.0, 45.0) + rng.uniform(15.0, 40.0) * belt)
+    return rng.uniform(0.9, 1.0) * weight, shine
 
 
 def _draw_tread(
     rng: np.random.Generator,
-    lum: _Float,
-    rho: _Float,
-    phi: _Float,
+    lum: _Array,
+    rho: _Array,
+    phi: _Array,
     tire: _Tire,
-    wear: _Float | None,
+    wear: tuple[_Array, _Array] | None,
 ) -> None:
     """Tread blocks around the outer edge: cross grooves, and a groove running round the middle.
 
-    ``wear`` (0-1 per pixel) flattens the grooves and smooths the rubber where the tread is worn.
+    ``wear`` (see :func:`_wear`) flattens the grooves and brightens the rubber where it is worn.
     """
     band = (rho >= tire.tread) & (rho <= 1.0)
     blocks = int(rng.integers(18, 30))
@@ -232,13 +248,14 @@ def _draw_tread(
     groove = np.maximum(groove, np.abs(rho - middle) < rng.uniform(0.008, 0.018))
     surface = np.full_like(lum, tire.rubber - rng.uniform(5.0, 15.0))
     if wear is not None:
-        groove = groove * (1.0 - wear)
-        surface += wear * 25.0
+        flat, shine = wear
+        groove = groove * (1.0 - flat)
+        surface += shine
     lum[band] = (surface - depth * groove)[band]
 
 
 def _draw_lettering(
-    rng: np.random.Generator, lum: _Float, rho: _Float, phi: _Float, tire: _Tire
+    rng: np.random.Generator, lum: _Array, rho: _Array, phi: _Array, tire: _Tire
 ) -> None:
     """Raised, lighter letters along an arc of the sidewall: texture every tire has."""
     if rng.random() < 0.2:
@@ -255,12 +272,10 @@ def _draw_lettering(
     col = ((along % 1.0) * 4).astype(np.int64)  # the fourth column is the gap between letters
     inside = (letter < letters) & (col < 3)
     lit = ring[inside][glyphs[letter[inside], 4 - row[inside], col[inside]]]
-    lum.flat[lit] += rng.uniform(8.0, 25.0)
+    lum.flat[lit] += rng.uniform(5.0, 14.0)
 
 
-def _draw_rim(
-    rng: np.random.Generator, lum: _Float, rho: _Float, phi: _Float, tire: _Tire
-) -> None:
+def _draw_rim(rng: np.random.Generator, lum: _Array, rho: _Array, phi: _Array, tire: _Tire) -> None:
     """A metal wheel inside the rubber: flange, spokes with dark windows, hub and lug nuts."""
     metal = rng.uniform(130.0, 210.0)
     box = _box(tire, tire.rim)
@@ -283,37 +298,41 @@ def _draw_rim(
         hub[dx * dx + dy * dy < 0.025**2] = metal - 50.0
 
 
-def _to_rgba(lum: _Float, tint: _Float, alpha: _Float) -> Image.Image:
-    """Tinted rubber and metal over a transparent background, ready to be placed."""
+def _mask(weight: _Array) -> Image.Image:
+    """A 0-1 (or boolean) array as an 8-bit mask for compositing."""
+    return Image.fromarray((255 * weight.astype(np.float32) + 0.5).astype(np.uint8))
+
+
+def _to_rgb(lum: _Array, tint: _Array) -> Image.Image:
+    """Luminance to colour: rubber and metal are grey with a slight cast."""
     gray = Image.fromarray((lum.clip(0, 255) + 0.5).astype(np.uint8))
     levels = np.arange(256, dtype=np.float32)
     bands = [gray.point((levels * t).clip(0, 255).round().astype(int).tolist()) for t in tint]
-    mask = Image.fromarray((255 * alpha + 0.5).astype(np.uint8))
-    return Image.merge("RGBA", [*bands, mask])
+    return Image.merge("RGB", bands)
 
 
 # --- defects ------------------------------------------------------------------------------------
 
 
-def _sidewall_point(rng: np.random.Generator, tire: _Tire, low: float, high: float) -> _Float:
+def _sidewall_point(rng: np.random.Generator, tire: _Tire, low: float, high: float) -> _Array:
     """A random point (x, y) on the canvas at ``low``-``high`` times the tire's radius."""
     angle, fraction = rng.uniform(-np.pi, np.pi), rng.uniform(low, high)
     offset = fraction * tire.radius * np.array([np.cos(angle), np.sin(angle)])
     return (tire.center + offset).astype(np.float32)
 
 
-def _shade(tire: _Tire, tint: _Float, factor: float) -> tuple[int, int, int, int]:
+def _shade(tire: _Tire, tint: _Array, factor: float) -> tuple[int, int, int]:
     """The colour of this tire's rubber with its luminance times ``factor``."""
     r, g, b = (int(c) for c in np.clip(tire.rubber * factor * tint, 0, 255))
-    return r, g, b, 255
+    return r, g, b
 
 
-def _draw_crack(rng: np.random.Generator, layer: Image.Image, tire: _Tire, tint: _Float) -> None:
+def _draw_crack(rng: np.random.Generator, layer: Image.Image, tire: _Tire, tint: _Array) -> None:
     """Dark lines that wander and branch, with pale weathered edges: rubber cracked with age."""
     step = tire.radius * rng.uniform(0.05, 0.07)
     walks = [
         (_sidewall_point(rng, tire, tire.rim + 0.06, 0.95), rng.uniform(-np.pi, np.pi), 30)
-        for _ in range(int(rng.integers(2, 5)))
+        for _ in range(int(rng.integers(3, 6)))
     ]
     lines = []
     while walks:
@@ -328,33 +347,36 @@ def _draw_crack(rng: np.random.Generator, layer: Image.Image, tire: _Tire, tint:
             if rng.random() < 0.3 and steps > 4:
                 walks.append((point, heading + rng.choice([-1.0, 1.0]) * 0.8, steps // 2))
         lines.append(line)
-    width = max(1, round(tire.side * rng.uniform(0.016, 0.026)))
+    width = max(1, round(tire.side * rng.uniform(0.018, 0.028)))
     draw = ImageDraw.Draw(layer)
-    edge, core = _shade(tire, tint, rng.uniform(1.6, 2.2)), _shade(tire, tint, rng.uniform(0.0, 0.1))
+    edge = _shade(tire, tint, rng.uniform(1.5, 2.0))
+    core = _shade(tire, tint, rng.uniform(0.0, 0.1))
     for colour, stroke in ((edge, 2 * width), (core, width)):
         for line in lines:
             draw.line(line, fill=colour, width=stroke, joint="curve")
 
 
-def _draw_cut(rng: np.random.Generator, layer: Image.Image, tire: _Tire, tint: _Float) -> None:
+def _draw_cut(rng: np.random.Generator, layer: Image.Image, tire: _Tire, tint: _Array) -> None:
     """A short, thick, dark gash with a lighter lip, the pale cords of the carcass showing."""
-    centre = _sidewall_point(rng, tire, tire.rim + 0.08, 0.93)
-    heading = rng.uniform(-np.pi, np.pi)
-    along = np.array([np.cos(heading), np.sin(heading)]) * tire.radius * rng.uniform(0.25, 0.4)
-    across = np.array([-along[1], along[0]]) * rng.uniform(0.3, 0.5)
+    centre = _sidewall_point(rng, tire, tire.rim + 0.12, 0.9)
+    dx, dy = centre - tire.center
+    heading = math.atan2(dy, dx) + np.pi / 2 + rng.uniform(-0.5, 0.5)  # roughly along the wall
+    along = np.array([np.cos(heading), np.sin(heading)]) * tire.radius * rng.uniform(0.25, 0.38)
+    across = np.array([-along[1], along[0]]) * rng.uniform(0.28, 0.42)
     draw = ImageDraw.Draw(layer)
     lip = _shade(tire, tint, rng.uniform(1.6, 2.2))
     draw.polygon([tuple(p) for p in _lens(centre + across * 0.35, along, across)], fill=lip)
     gash = _shade(tire, tint, rng.uniform(0.0, 0.15))
     draw.polygon([tuple(p) for p in _lens(centre, along, across)], fill=gash)
-    cord = tuple(int(c) for c in rng.uniform(170.0, 240.0) * tint) + (255,)
-    width = max(1, round(tire.side * 0.01))
-    for offset in np.linspace(-0.4, 0.4, int(rng.integers(2, 5))):
-        ends = centre + across * offset - along * 0.6, centre + across * offset + along * 0.6
+    cord = tuple(int(c) for c in rng.uniform(130.0, 200.0) * tint)
+    width = max(1, round(tire.side * rng.uniform(0.005, 0.01)))
+    for s in rng.uniform(-0.6, 0.6, size=int(rng.integers(2, 6))):
+        reach = across * (1 - s * s) * 0.8  # cords bridge the gash from lip to lip
+        ends = centre + along * s - reach, centre + along * s + reach
         draw.line([tuple(p) for p in ends], fill=cord, width=width)
 
 
-def _lens(centre: _Float, along: _Float, across: _Float) -> list[_Float]:
+def _lens(centre: _Array, along: _Array, across: _Array) -> list[_Array]:
     """Points of a lens shape: pointed at both ends of ``along``, ``across`` wide at the middle."""
     t = np.linspace(-1.0, 1.0, 9)
     top = [centre + along * s + across * (1 - s * s) for s in t]
@@ -362,15 +384,15 @@ def _lens(centre: _Float, along: _Float, across: _Float) -> list[_Float]:
     return top + bottom
 
 
-def _draw_bulge(rng: np.random.Generator, lum: _Float, tire: _Tire, light: float) -> None:
+def _draw_bulge(rng: np.random.Generator, lum: _Array, tire: _Tire, light: float) -> None:
     """An elliptical bump on the sidewall, lit from one side: a highlight and a shadow."""
     middle = (tire.rim + tire.tread) / 2
     cx, cy = _sidewall_point(rng, tire, middle - 0.04, middle + 0.04)
     radial = np.array([cx - tire.center, cy - tire.center]) / np.hypot(
         cx - tire.center, cy - tire.center
     )
-    along = tire.radius * rng.uniform(0.35, 0.5)
-    across = tire.radius * rng.uniform(0.1, 0.13)
+    along = tire.radius * rng.uniform(0.22, 0.32)
+    across = tire.radius * rng.uniform(0.13, 0.17)
     reach = int(2.5 * along) + 1
     x0, y0 = max(int(cx) - reach, 0), max(int(cy) - reach, 0)
     x1, y1 = min(int(cx) + reach, tire.side), min(int(cy) + reach, tire.side)
@@ -381,7 +403,7 @@ def _draw_bulge(rng: np.random.Generator, lum: _Float, tire: _Tire, light: float
     height = np.exp(-((tangent / along) ** 2 + (normal / across) ** 2) * 2.0)
     gy, gx = np.gradient(height)
     slope = -(gx * np.cos(light) + gy * np.sin(light)) * across  # the side facing the light
-    strength = rng.uniform(70.0, 120.0)
+    strength = rng.uniform(100.0, 150.0)
     lum[y0:y1, x0:x1] += strength * (slope * 2.0 + 0.6 * height)
 
 
