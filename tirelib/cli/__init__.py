@@ -12,7 +12,7 @@ import sys
 
 import typer
 
-from tirelib.cli import data, demo, stack, train
+from tirelib.cli import data, demo, registry, serve, stack, train
 from tirelib.errors import TirelibError
 from tirelib.settings import get_settings
 
@@ -25,23 +25,37 @@ app = typer.Typer(
 )
 app.add_typer(stack.app, name="stack")
 app.add_typer(data.app, name="data")
+app.add_typer(registry.app, name="registry")
 app.command()(train.train)
 app.command()(train.evaluate)
 app.command()(train.models)
 app.command()(demo.demo)
+app.command()(serve.serve)
 
-# The earlier system's commands: `python -m tirelib Train --dataset_version split_1 ...`.
-LEGACY_COMMANDS = {"Train": ["train"]}
+# The earlier system's commands: `python -m tirelib Train --dataset_version split_1 ...`,
+# `Stage Loss`, `Produce Loss`, `ProductionInfo`.
+LEGACY_COMMANDS = {
+    "Train": ["train"],
+    "Stage": ["registry", "stage"],
+    "Produce": ["registry", "produce"],
+    "ProductionInfo": ["registry", "info"],
+}
+# Legacy commands whose first bare argument is the value of an option (`Stage Loss`).
+LEGACY_POSITIONAL = {"Stage": "--metric", "Produce": "--metric"}
 
 
 def translate_legacy(argv: list[str]) -> list[str]:
-    """Map the earlier system's spelling (``Train --model_type cnn``) onto today's commands."""
+    """Map the earlier system's spelling (``Train --model_type cnn``, ``Stage Loss``) onto
+    today's commands."""
     if not argv or argv[0] not in LEGACY_COMMANDS:
         return argv
     rest = [
         arg.replace("_", "-") if arg.startswith("--") and "=" not in arg else _legacy_eq(arg)
         for arg in argv[1:]
     ]
+    option = LEGACY_POSITIONAL.get(argv[0])
+    if option is not None and rest and not rest[0].startswith("-"):
+        rest = [option, *rest]
     return [*LEGACY_COMMANDS[argv[0]], *rest]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -99,15 +100,42 @@ def train(
 
 
 def evaluate(
-    run_id: Annotated[str, typer.Option(help="MLflow run of a trained model.")],
+    run_id: Annotated[
+        str | None, typer.Option(help="MLflow run of a trained model (or give --served).")
+    ] = None,
     dataset_version: Annotated[
         str | None, typer.Option(help="Score on this version's test split (default: the run's).")
     ] = None,
+    served: Annotated[
+        str | None,
+        typer.Option(help="Score the model behind this server URL instead (http://host:8501)."),
+    ] = None,
+    model: Annotated[str, typer.Option(help="With --served: the model name in its URLs.")] = "tire",
+    batch_size: Annotated[int, typer.Option(help="With --served: images per request.")] = 100,
+    plot: Annotated[
+        Path | None,
+        typer.Option(help="With --served: PNG of sample predictions [served-<version>.png]."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
-    """Score a trained model on a test split; metrics, report and pictures go to its run."""
-    from tirelib.evaluate import evaluate_run
+    """Score a trained model on a test split; metrics, report and pictures go to its run.
+
+    With --served, send the test split through a model server's REST API instead and print
+    accuracy, the per-class table and the time per image (the earlier system's report).
+    """
+    from tirelib.errors import ConfigurationError
     from tirelib.reports import format_per_class_table
+
+    if served is not None:
+        if run_id is not None:
+            raise ConfigurationError("give either --run-id or --served, not both")
+        if dataset_version is None:
+            raise ConfigurationError("--served needs --dataset-version")
+        _evaluate_served(served, dataset_version, model, batch_size, plot, as_json)
+        return
+    if run_id is None:
+        raise ConfigurationError("give --run-id (a training run) or --served (a server URL)")
+    from tirelib.evaluate import evaluate_run
 
     evaluation = evaluate_run(run_id, get_settings(), dataset_version=dataset_version)
     if as_json:
@@ -117,3 +145,28 @@ def evaluate(
     typer.echo(format_per_class_table(evaluation.metrics))
     flat = evaluation.flat("")
     typer.echo(", ".join(f"{k} {v:.4f}" for k, v in flat.items()))
+
+
+def _evaluate_served(
+    url: str, version: str, model: str, batch_size: int, plot: Path | None, as_json: bool
+) -> None:
+    from tirelib.reports import format_per_class_table
+    from tirelib.serve.client import evaluate_served
+
+    result = evaluate_served(
+        url,
+        version,
+        get_settings(),
+        model=model,
+        batch_size=batch_size,
+        plot_path=plot or Path(f"served-{version}.png"),
+    )
+    if as_json:
+        typer.echo(json.dumps(result.summary(), indent=1))
+        return
+    count = result.metrics.count
+    typer.echo(f"{url} model {model} version {result.model_version} on {version} ({count} images)")
+    typer.echo(f"accuracy: {result.metrics.accuracy:.4f}")
+    typer.echo(format_per_class_table(result.metrics))
+    typer.echo(f"average inference time per image: {result.ms_per_image:.2f} ms")
+    typer.echo(f"sample predictions: {result.plot}")

@@ -1,0 +1,15 @@
+"""The model server: TensorFlow Serving's REST API and the Open Inference Protocol over FastAPI.
+
+``tirelib serve`` runs :func:`create_app` under uvicorn. Layout: :mod:`.config` (settings),
+:mod:`.model` (load, warm up, swap, watch the alias), :mod:`.batching` (dynamic batching),
+:mod:`.inputs` (request payloads to tensors), :mod:`.schemas` (bodies), :mod:`.metrics`
+(Prometheus), :mod:`.routes` (one module per protocol), :mod:`.client` (a REST client and the
+evaluation of a served model).
+"""
+
+from __future__ import annotations
+
+from tirelib.serve.app import create_app
+from tirelib.serve.config import ServeConfig, load_serve_config
+
+__all__ = ["ServeConfig", "create_app", "load_serve_config"]

@@ -1,0 +1,90 @@
+"""The model server's own settings: ``TIRE_SERVE_*`` variables, overridden by ``tirelib serve``.
+
+Where to find MLflow and Slack stays in :class:`tirelib.settings.Settings`; what is served, how it
+is batched and which requests are refused lives here.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from tirelib.errors import ConfigurationError
+from tirelib.settings import Settings
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+
+class ServeConfig(BaseSettings):
+    """What the server serves and the limits it enforces (``TIRE_SERVE_<FIELD>``)."""
+
+    model_config = SettingsConfigDict(env_prefix="TIRE_SERVE_", extra="ignore", frozen=True)
+
+    host: str = Field(default="127.0.0.1", description="Address to bind.")
+    port: int = Field(default=8501, ge=1, le=65535, description="TensorFlow Serving's REST port.")
+    name: str = Field(
+        default="tire", pattern=NAME_PATTERN, description="Model name in the URLs (/v1/models/…)."
+    )
+    model_uri: str | None = Field(
+        default=None,
+        description=(
+            "What to serve: models:/<name>@<alias> follows the alias, models:/<name>/<version> "
+            "pins a version. Default: models:/<TIRE_MODEL_NAME>@production."
+        ),
+    )
+    poll_interval_s: float = Field(
+        default=5.0, gt=0, le=3600, description="Seconds between checks of the alias."
+    )
+    startup_timeout_s: float = Field(
+        default=300.0, ge=0, description="How long startup waits for the first model."
+    )
+    max_batch_size: int = Field(
+        default=32, ge=1, le=1024, description="Most instances in one forward pass."
+    )
+    max_wait_ms: float = Field(
+        default=10.0, ge=0, le=1000, description="Longest wait for a batch to fill, milliseconds."
+    )
+    max_body_bytes: int = Field(
+        default=64 * 2**20, ge=1024, description="Largest request body accepted, bytes."
+    )
+    max_instances: int = Field(
+        default=256, ge=1, le=100_000, description="Most images in one request."
+    )
+    max_image_side: int = Field(
+        default=4096, ge=1, le=16384, description="Largest image height or width, pixels."
+    )
+    num_threads: int | None = Field(
+        default=None, ge=1, le=1024, description="Torch intra-op threads; default: every CPU."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="Where the network runs; auto picks CUDA when present."
+    )
+    optimize: bool = Field(
+        default=True,
+        description="Rewrite the network for inference (batch norm folded, oneDNN layout).",
+    )
+
+    def resolved_model_uri(self, settings: Settings) -> str:
+        return self.model_uri or f"models:/{settings.model_name}@production"
+
+    def resolved_threads(self) -> int:
+        return self.num_threads or os.cpu_count() or 1
+
+
+def load_serve_config(**overrides: object) -> ServeConfig:
+    """Read ``TIRE_SERVE_*`` from the environment; ``overrides`` (not None) take precedence.
+
+    Raises :class:`ConfigurationError` naming each bad value and what it allows.
+    """
+    values = {key: value for key, value in overrides.items() if value is not None}
+    try:
+        return ServeConfig(**values)  # type: ignore[arg-type]
+    except ValidationError as error:
+        lines = []
+        for item in error.errors():
+            field = str(item["loc"][0]) if item["loc"] else "?"
+            lines.append(f"TIRE_SERVE_{field.upper()}={item.get('input')!r}: {item['msg']}")
+        raise ConfigurationError("invalid server settings:\n  " + "\n  ".join(lines)) from error

@@ -1,0 +1,143 @@
+"""The server's Prometheus metrics, in a registry of its own (one per app, so tests can make many).
+
+Names follow Prometheus's conventions: base units (seconds), ``_total`` counters, histograms rather
+than summaries, and only low-cardinality labels: the route template (never the raw path), the
+method, the status code, the class, the reload result.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = ["CONTENT_TYPE_LATEST", "HttpMetricsMiddleware", "ServeMetrics"]
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+_CONFIDENCE_BUCKETS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+UNMATCHED = "<unmatched>"
+
+
+class ServeMetrics:
+    """Every metric the server exports; :meth:`render` gives the text exposition."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "tire_http_requests",
+            "HTTP requests answered, by route template, method and status code.",
+            ["endpoint", "method", "status"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "tire_http_request_duration_seconds",
+            "Time from the request's arrival to the end of its response.",
+            ["endpoint", "method", "status"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "tire_inference_batch_size",
+            "Images per forward pass (dynamic batching gathers concurrent requests).",
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.inference_duration = Histogram(
+            "tire_inference_duration_seconds",
+            "Time of one batched forward pass.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.predictions = Counter(
+            "tire_predictions",
+            "Images classified, by predicted class.",
+            ["class"],
+            registry=r,
+        )
+        self.confidence = Histogram(
+            "tire_prediction_confidence",
+            "Probability of the predicted class.",
+            buckets=_CONFIDENCE_BUCKETS,
+            registry=r,
+        )
+        self.model = Info("tire_model", "The model version being served.", registry=r)
+        self.reloads = Counter(
+            "tire_model_reloads",
+            "Attempts to load a model version, by result (success, failure).",
+            ["result"],
+            registry=r,
+        )
+        self.last_reload = Gauge(
+            "tire_model_last_reload_timestamp_seconds",
+            "When the served model last changed (Unix time).",
+            registry=r,
+        )
+        for result in ("success", "failure"):
+            self.reloads.labels(result=result)
+
+    def observe_batch(self, size: int, seconds: float) -> None:
+        self.batch_size.observe(size)
+        self.inference_duration.observe(seconds)
+
+    def observe_predictions(self, classes: Sequence[str], probabilities: np.ndarray) -> None:
+        if probabilities.size == 0:
+            return
+        winners = probabilities.argmax(axis=1)
+        counts = np.bincount(winners, minlength=len(classes))
+        for name, count in zip(classes, counts.tolist(), strict=False):
+            if count:
+                self.predictions.labels(**{"class": name}).inc(count)
+        for value in probabilities.max(axis=1).tolist():
+            self.confidence.observe(value)
+
+    def model_loaded(self, *, version: str, model_type: str, name: str) -> None:
+        self.model.info({"version": version, "model_type": model_type, "name": name})
+        self.reloads.labels(result="success").inc()
+        self.last_reload.set(time.time())
+
+    def model_failed(self) -> None:
+        self.reloads.labels(result="failure").inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class HttpMetricsMiddleware:
+    """Counts and times every HTTP request by route template, method and status (pure ASGI).
+
+    The route is read after the app ran: the router records the matched route in the scope.
+    Unmatched paths share one label, so a scan of random URLs cannot grow the series count.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: ServeMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = [500]
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route: Any = scope.get("route")
+            # path_format: the template without convertors ("/versions/{version}").
+            endpoint = getattr(route, "path_format", None) or UNMATCHED
+            labels = {"endpoint": endpoint, "method": scope["method"], "status": str(status[0])}
+            self.metrics.requests.labels(**labels).inc()
+            self.metrics.request_duration.labels(**labels).observe(time.perf_counter() - start)
