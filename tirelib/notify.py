@@ -38,17 +38,29 @@ def _send_with_sdk(text: str, settings: Settings) -> bool:
     if settings.slack_webhook_url is None:
         log.info("no TIRE_SLACK_WEBHOOK_URL set; Slack message not sent: %s", text[:200])
         return False
+    return post_webhook(settings.slack_webhook_url.get_secret_value(), text)
+
+
+def post_webhook(url: str, text: str, *, timeout: float = TIMEOUT_S) -> bool:
+    """Post ``{"text": text}`` to an incoming webhook with slack-sdk; True when it was taken.
+
+    Never raises: a message that cannot be sent is logged and the caller carries on.
+    """
     from slack_sdk.http_retry.builtin_handlers import ConnectionErrorRetryHandler
     from slack_sdk.webhook import WebhookClient
 
     client = WebhookClient(
-        settings.slack_webhook_url.get_secret_value(),
-        timeout=TIMEOUT_S,
+        url,
+        timeout=int(max(1, timeout)),
         retry_handlers=[ConnectionErrorRetryHandler(max_retry_count=2)],
     )
-    response = client.send(text=text)
+    try:
+        response = client.send(text=text)
+    except (OSError, ValueError) as error:  # URLError and timeouts are OSErrors
+        log.warning("could not post to Slack: %s", error)
+        return False
     if response.status_code != 200:
-        log.warning("Slack answered %d %s", response.status_code, response.body[:200])
+        log.warning("Slack answered %d %s", response.status_code, str(response.body)[:200])
         return False
     return True
 

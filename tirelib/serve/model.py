@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tirelib import notify
 from tirelib.errors import TirelibError
 from tirelib.preprocessing import Preprocessing, softmax
 from tirelib.pyfunc import TireClassifier
@@ -304,23 +305,10 @@ class StaticSource:
 
 
 def notify_slack(webhook_url: str | None, text: str, *, timeout: float = 5.0) -> bool:
-    """Post ``{"text": text}`` to a Slack incoming webhook; return whether Slack took it.
-
-    Never raises: an alert that cannot be sent is logged, and the caller carries on.
-    """
+    """Post ``text`` to a Slack incoming webhook; whether Slack took it. Never raises."""
     if not webhook_url:
         return False
-    from slack_sdk.webhook import WebhookClient
-
-    try:
-        response = WebhookClient(webhook_url, timeout=int(max(1, timeout))).send(text=text)
-    except (OSError, ValueError) as error:  # URLError and timeouts are OSErrors
-        log.warning("could not post to Slack: %s", error)
-        return False
-    if response.status_code != 200:
-        log.warning("Slack answered %s: %s", response.status_code, response.body)
-        return False
-    return True
+    return notify.post_webhook(webhook_url, text, timeout=timeout)
 
 
 # --------------------------------------------------------------------------- the holder
