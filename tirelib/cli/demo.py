@@ -9,24 +9,28 @@ import typer
 
 from tirelib.cli import data as data_cli
 from tirelib.cli import stack as stack_cli
-from tirelib.settings import get_settings
+from tirelib.settings import Settings, get_settings
 
 SENSOR = "tire_data_sensor"
 PIPELINE = "tire_training_pipeline"
 
 
 def demo(
-    version: Annotated[str, typer.Option(help="Dataset version to make and upload.")] = "demo-1",
+    version: Annotated[
+        str | None, typer.Option(help="Dataset version to upload [demo-<seed>-<count>].")
+    ] = None,
     count: Annotated[int, typer.Option(help="Synthetic images to draw.")] = 800,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic images.")] = 7,
     timeout: Annotated[int, typer.Option(help="Seconds to wait for the pipeline.")] = 900,
 ) -> None:
     """Start the stack, upload a synthetic version, and let Airflow take it to production."""
     from tirelib.airflow_api import AirflowClient
-    from tirelib.registry import info
+    from tirelib.data import processed_versions
     from tirelib.stack import airflow_password, airflow_url
+    from tirelib.storage import ObjectStore
 
     settings = get_settings()
+    version = version or f"demo-{seed}-{count}"
     typer.secho("== 1. the local stack: S3, MLflow, Airflow", bold=True)
     stack_cli.up()
 
@@ -40,6 +44,10 @@ def demo(
 
     typer.secho("== 4. the sensor notices it; the training pipeline runs", bold=True)
     url = airflow_url(settings)
+    if version in processed_versions(ObjectStore.for_data(settings)):
+        typer.echo(f"version {version} was processed by an earlier run; nothing to wait for")
+        _show_production(settings, url)
+        return
     with AirflowClient(url, "admin", airflow_password(settings) or "") as client:
         client.wait_for_dag(PIPELINE)
         before = {run["dag_run_id"] for run in client.dag_runs(PIPELINE)}
@@ -53,6 +61,13 @@ def demo(
     if run["state"] != "success":
         typer.secho(f"the pipeline run {run['dag_run_id']} ended {run['state']}", fg="red")
         raise typer.Exit(1)
+
+    _show_production(settings, url)
+
+
+def _show_production(settings: Settings, url: str) -> None:
+    from tirelib.registry import info
+    from tirelib.stack import airflow_password
 
     typer.secho("== 5. the production model", bold=True)
     production = info(settings).production
