@@ -76,7 +76,7 @@ def _setup(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     # Third-party clients are chatty at INFO; keep their warnings only.
-    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "httpx"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 
