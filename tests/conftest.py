@@ -293,6 +293,19 @@ def slack_receiver(_slack_server: SlackReceiver) -> SlackReceiver:
     return _slack_server
 
 
+def lake_env(home: Path, s3_server: S3Server, suffix: str) -> dict[str, str]:
+    """Variables pointing tirelib at ``s3_server``, with a home and buckets named by ``suffix``."""
+    return {
+        "TIRE_HOME": str(home),
+        "TIRE_S3_ENDPOINT_URL": s3_server.endpoint_url,
+        "AWS_ACCESS_KEY_ID": s3_server.access_key,
+        "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "TIRE_DATA_BUCKET": f"tire-data-{suffix}",
+        "TIRE_ARTIFACT_BUCKET": f"tire-artifacts-{suffix}",
+    }
+
+
 @pytest.fixture
 def tire_env(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, s3_server: S3Server
@@ -306,16 +319,7 @@ def tire_env(
     """
     for name in _FOREIGN_ENV:
         monkeypatch.delenv(name, raising=False)
-    suffix = secrets.token_hex(4)
-    values = {
-        "TIRE_HOME": str(tmp_path / "home"),
-        "TIRE_S3_ENDPOINT_URL": s3_server.endpoint_url,
-        "AWS_ACCESS_KEY_ID": s3_server.access_key,
-        "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "TIRE_DATA_BUCKET": f"tire-data-{suffix}",
-        "TIRE_ARTIFACT_BUCKET": f"tire-artifacts-{suffix}",
-    }
+    values = lake_env(tmp_path / "home", s3_server, secrets.token_hex(4))
     for name, value in values.items():
         monkeypatch.setenv(name, value)
     reset_settings()

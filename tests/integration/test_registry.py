@@ -26,7 +26,7 @@ from mlflow import MlflowClient
 from torch import nn
 from typer.testing import CliRunner
 
-from tests.conftest import _FOREIGN_ENV, S3Server
+from tests.conftest import _FOREIGN_ENV, S3Server, lake_env
 from tirelib import registry, tracking
 from tirelib.cli import app
 from tirelib.data import ensure_splits, upload_version
@@ -112,13 +112,7 @@ def world(
     root = tmp_path_factory.mktemp("registry")
     suffix = secrets.token_hex(4)
     env = {
-        "TIRE_HOME": str(root / "home"),
-        "TIRE_S3_ENDPOINT_URL": s3_server.endpoint_url,
-        "AWS_ACCESS_KEY_ID": s3_server.access_key,
-        "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "TIRE_DATA_BUCKET": f"tire-data-{suffix}",
-        "TIRE_ARTIFACT_BUCKET": f"tire-artifacts-{suffix}",
+        **lake_env(root / "home", s3_server, suffix),
         "MLFLOW_TRACKING_URI": mlflow_server,
         "TIRE_EXPERIMENT": f"tire-registry-{suffix}",
     }

@@ -35,7 +35,7 @@ from mlflow import MlflowClient
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import _FOREIGN_ENV, S3Server, SlackReceiver
+from tests.conftest import _FOREIGN_ENV, S3Server, SlackReceiver, lake_env
 from tirelib import tracking
 from tirelib.data import ensure_splits, upload_version
 from tirelib.evaluate import MODEL_URI_TAG, evaluate_model
@@ -124,13 +124,7 @@ def world(
     root = tmp_path_factory.mktemp("serve")
     suffix = secrets.token_hex(4)
     env = {
-        "TIRE_HOME": str(root / "home"),
-        "TIRE_S3_ENDPOINT_URL": s3_server.endpoint_url,
-        "AWS_ACCESS_KEY_ID": s3_server.access_key,
-        "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "TIRE_DATA_BUCKET": f"tire-data-{suffix}",
-        "TIRE_ARTIFACT_BUCKET": f"tire-artifacts-{suffix}",
+        **lake_env(root / "home", s3_server, suffix),
         "MLFLOW_TRACKING_URI": mlflow_server,
         "TIRE_EXPERIMENT": f"tire-serve-{suffix}",
         "TIRE_MODEL_NAME": f"tire-defect-classifier-{suffix}",
