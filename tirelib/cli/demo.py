@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import time
+from datetime import UTC, datetime
 from typing import Annotated
 
 import typer
@@ -31,6 +33,7 @@ def demo(
 
     settings = get_settings()
     version = version or f"demo-{seed}-{count}"
+    started = datetime.now(UTC).isoformat()
     typer.secho("== 1. the local stack: S3, MLflow, Airflow", bold=True)
     stack_cli.up()
 
@@ -48,19 +51,27 @@ def demo(
         typer.echo(f"version {version} was processed by an earlier run; nothing to wait for")
         _show_production(settings, url)
         return
+    store = ObjectStore.for_data(settings)
     with AirflowClient(url, "admin", airflow_password(settings) or "") as client:
         client.wait_for_dag(PIPELINE)
-        before = {run["dag_run_id"] for run in client.dag_runs(PIPELINE)}
         client.wait_for_dag(SENSOR)
         client.trigger(SENSOR)  # the schedule would too, within minutes
         typer.echo(f"waiting for {PIPELINE} (follow it at {url}/dags/{PIPELINE}) ...")
-        run = client.wait_for_run(PIPELINE, after=before, timeout=timeout)
-        for task in client.task_instances(PIPELINE, run["dag_run_id"]):
+        # Done when the version's processed marker exists: the last step of its pipeline run.
+        deadline = time.monotonic() + timeout
+        while version not in processed_versions(store):
+            failed = [r for r in client.dag_runs(PIPELINE) if r["state"] == "failed"]
+            if failed and failed[0]["start_date"] and failed[0]["start_date"] >= started:
+                typer.secho(f"the pipeline run {failed[0]['dag_run_id']} failed", fg="red")
+                raise typer.Exit(1)
+            if time.monotonic() > deadline:
+                typer.secho(f"{version} was not processed within {timeout} s", fg="red")
+                raise typer.Exit(1)
+            time.sleep(5)
+        done = [r for r in client.dag_runs(PIPELINE) if r["state"] == "success"]
+        for task in client.task_instances(PIPELINE, done[0]["dag_run_id"]) if done else []:
             index = f"[{task['map_index']}]" if task["map_index"] >= 0 else ""
-            typer.echo(f"  {task['task_id']}{index:<4} {task['state']}")
-    if run["state"] != "success":
-        typer.secho(f"the pipeline run {run['dag_run_id']} ended {run['state']}", fg="red")
-        raise typer.Exit(1)
+            typer.echo(f"  {task['task_id'] + index:<18} {task['state']}")
 
     _show_production(settings, url)
 
