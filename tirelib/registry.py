@@ -72,6 +72,7 @@ from tirelib.errors import ConfigurationError, RegistryError, RegistryUnavailabl
 from tirelib.evaluate import MODEL_URI_TAG, Evaluation, evaluate_model
 from tirelib.metrics import METRIC_NAMES, canonical_metric, higher_is_better
 from tirelib.settings import Settings
+from tirelib.stack import masked_url
 
 log = logging.getLogger(__name__)
 
@@ -482,15 +483,6 @@ def libpq_url(url: str) -> str:
     return f"{'postgresql' if base == 'postgres' else base}://{rest}"
 
 
-def _masked(url: str) -> str:
-    scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
-        return url
-    userinfo, _, host = rest.rpartition("@")
-    user, colon, _ = userinfo.partition(":")
-    return f"{scheme}://{user}{':***' if colon else ''}@{host}"
-
-
 @contextlib.contextmanager
 def model_lock(settings: Settings, *, timeout: float = LOCK_TIMEOUT_S) -> Iterator[str]:
     """Hold the lock of ``settings.model_name`` (for read-check-write of its aliases).
@@ -519,7 +511,7 @@ def _pg_lock(url: str, model_name: str, timeout: float) -> Iterator[str]:
             "(pip install psycopg2-binary)"
         ) from error
     key = _lock_key(model_name)
-    where = _masked(url)
+    where = masked_url(url)
     try:
         connection = psycopg2.connect(
             libpq_url(url), connect_timeout=10, application_name="tirelib-registry"
