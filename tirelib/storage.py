@@ -1,9 +1,9 @@
 """S3 access and the local content-addressed cache.
 
 The data lake's layout (``raw/<version>/<label>/<file>``, ``raw/<version>/_manifest.json``,
-``splits/<version>/<split>.json``, ``state/processed/<version>.json``) is spelled out once here;
-every other module asks this one for keys. Listing always paginates: a bare ``list_objects``
-stops at 1,000 keys.
+``splits/<version>/<split>.json``, ``state/{processed,processing,failed}/<version>.json``) is
+spelled out once here; every other module asks this one for keys. Listing always paginates: a
+bare ``list_objects`` stops at 1,000 keys.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 RAW_PREFIX = "raw/"
 SPLITS_PREFIX = "splits/"
 PROCESSED_PREFIX = "state/processed/"
+PROCESSING_PREFIX = "state/processing/"
+FAILED_PREFIX = "state/failed/"
 MANIFEST_NAME = "_manifest.json"
 
 
@@ -53,6 +56,16 @@ def split_key(version: str, split: str) -> str:
 
 def processed_key(version: str) -> str:
     return f"{PROCESSED_PREFIX}{version}.json"
+
+
+def processing_key(version: str) -> str:
+    """Written when a pipeline run takes the version, removed when it ends either way."""
+    return f"{PROCESSING_PREFIX}{version}.json"
+
+
+def failed_key(version: str) -> str:
+    """A version the pipeline gave up on: reason, task, run link, time."""
+    return f"{FAILED_PREFIX}{version}.json"
 
 
 def s3_client(settings: Settings) -> S3Client:
@@ -91,6 +104,7 @@ class ObjectInfo:
     key: str
     size: int
     etag: str
+    last_modified: datetime | None = None
 
 
 class ObjectStore:
@@ -114,7 +128,9 @@ class ObjectStore:
         try:
             for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
                 for item in page.get("Contents", []):
-                    yield ObjectInfo(item["Key"], item["Size"], item["ETag"].strip('"'))
+                    yield ObjectInfo(
+                        item["Key"], item["Size"], item["ETag"].strip('"'), item.get("LastModified")
+                    )
         except (ClientError, BotoCoreError) as error:
             raise self._fail("list", prefix, error) from error
 
