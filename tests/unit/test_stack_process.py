@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -322,6 +323,54 @@ def test_ports() -> None:
     assert port_is_free(port)
     pair = free_port_pair(offset=10000)
     assert port_is_free(pair) and port_is_free(pair + 10000)
+
+
+_TCP_TIME_WAIT = "06"  # the st column of /proc/net/tcp
+
+
+def _time_wait_on(port: int) -> bool:
+    """Whether a connection on local ``port`` of 127.0.0.1 is in TIME_WAIT now."""
+    wanted = f"0100007F:{port:04X}"
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1] == wanted and fields[3] == _TCP_TIME_WAIT:
+            return True
+    return False
+
+
+def _listener(port: int) -> socket.socket:
+    """A listening socket as servers make them (SO_REUSEADDR set)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen()
+    return sock
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux's /proc/net/tcp")
+def test_a_port_left_in_time_wait_is_free_and_a_listening_one_is_not() -> None:
+    port = free_port()
+    server = _listener(port)
+    client = socket.create_connection(("127.0.0.1", port), timeout=5)
+    accepted, _ = server.accept()
+    server.close()
+    accepted.close()  # the server's side closes first: its end of the connection keeps the port
+    client.close()
+    deadline = time.monotonic() + 5
+    while not _time_wait_on(port) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _time_wait_on(port), "the test could not put a connection into TIME_WAIT"
+    # What a stopped server leaves behind blocks a plain bind, not a server's own.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as plain, pytest.raises(OSError):
+        plain.bind(("127.0.0.1", port))
+    assert port_is_free(port)
+
+    with _listener(port):
+        assert not port_is_free(port)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as bare:
+        bare.bind(("127.0.0.1", free_port()))
+        bare.listen()
+        assert not port_is_free(bare.getsockname()[1])  # one without SO_REUSEADDR too
 
 
 def test_http_check_accepts_any_status_only_when_asked(
