@@ -327,6 +327,10 @@ class TrainResult:
         }
 
 
+def _epochs(count: int) -> str:
+    return f"{count} epoch{'' if count == 1 else 's'}"
+
+
 @dataclass
 class _Fit:
     model: nn.Module
@@ -358,7 +362,7 @@ def fit(
     best_state = copy.deepcopy(model.state_dict())
     best_key: tuple[float, float] = (math.inf, 0.0)
     best_epoch = 0
-    stop_reason = f"ran all {config.epochs} epochs"
+    stop_reason = f"ran all {_epochs(config.epochs)}"
     for epoch in range(1, config.epochs + 1):
         lr = optimizer.param_groups[0]["lr"]
         train_loss = train_one_epoch(
@@ -384,7 +388,10 @@ def fit(
         elif scheduler is not None:
             scheduler.step()
         if stopper.step(val.loss, metrics.accuracy):
-            stop_reason = f"stopped early after epoch {epoch}: {stopper.reason}"
+            if epoch < config.epochs:
+                stop_reason = f"stopped early after epoch {epoch}: {stopper.reason}"
+            else:  # the rule fired on the last epoch: nothing was cut short
+                stop_reason = f"ran all {_epochs(config.epochs)} ({stopper.reason})"
             log.info(stop_reason)
             break
     model.load_state_dict(best_state)

@@ -133,6 +133,26 @@ def test_early_stopping_ends_training_before_the_last_epoch() -> None:
     result = fit(config, _toy_loaders(), pick_device(), progress=False)
     assert len(result.history) < 20
     assert "targets met" in result.stop_reason
+    assert result.stop_reason.startswith(f"stopped early after epoch {len(result.history)}:")
+
+
+def test_a_rule_firing_on_the_last_epoch_is_not_an_early_stop(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A loss target any model meets: the rule fires after the first epoch, here also the last.
+    config = make_config(dataset_version="toy", model_type="cnn", epochs=1, min_loss=1e6)
+    with caplog.at_level("INFO", logger="tirelib.train"):
+        result = fit(config, _toy_loaders(), pick_device(), progress=False)
+    assert len(result.history) == 1
+    assert result.stop_reason.startswith("ran all 1 epoch (targets met")
+    assert "stopped early" not in caplog.text
+    assert "ran all 1 epoch (targets met" in caplog.text
+
+    # With epochs to spare, the same rule is an early stop and says so.
+    longer = make_config(dataset_version="toy", model_type="cnn", epochs=3, min_loss=1e6)
+    early = fit(longer, _toy_loaders(), pick_device(), progress=False)
+    assert len(early.history) == 1
+    assert early.stop_reason.startswith("stopped early after epoch 1: targets met")
 
 
 # --- the command line ----------------------------------------------------------------------
