@@ -25,6 +25,7 @@ from tirelib.data import (
     validate_name,
 )
 from tirelib.errors import DataError
+from tirelib.logs import quiet_task_logs
 from tirelib.settings import Settings, get_settings
 from tirelib.storage import ContentCache, ObjectStore, processed_key
 
@@ -41,11 +42,13 @@ def task_settings(conn_id: str = AWS_CONN_ID) -> Settings:
     """tirelib's settings, with S3 reached through Airflow's ``aws_default`` inside a task.
 
     Inside Airflow the endpoint, region and credentials come from the connection (its extra
-    holds ``endpoint_url``), never from code; outside, from the environment as usual.
+    holds ``endpoint_url``), never from code; outside, from the environment as usual. Every
+    step starts here, so inside a task this also keeps the libraries' chatter out of its log.
     """
     settings = get_settings()
     if not notify.in_airflow():
         return settings
+    quiet_task_logs()
     from airflow.sdk import BaseHook
     from airflow.sdk.exceptions import AirflowNotFoundException
 

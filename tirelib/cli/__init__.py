@@ -14,6 +14,7 @@ import typer
 
 from tirelib.cli import data, demo, registry, serve, stack, train
 from tirelib.errors import TirelibError
+from tirelib.logs import quiet_libraries
 from tirelib.settings import get_settings
 
 app = typer.Typer(
@@ -75,9 +76,7 @@ def _setup(
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
-    # Third-party clients are chatty at INFO; keep their warnings only.
-    for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "httpx"):
-        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    quiet_libraries()  # third-party clients are chatty at INFO; keep their warnings only
 
 
 def main(argv: list[str] | None = None) -> None:
