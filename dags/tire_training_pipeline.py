@@ -90,7 +90,7 @@ with DAG(
 
         return pipeline.train(job)
 
-    @task
+    @task(**io_retries())  # reads only: scoring again is safe
     def evaluate(jobs: list[dict], trained: list[dict]):
         from tirelib import pipeline
 

@@ -115,7 +115,8 @@ RETRYABLE_ERRORS: tuple[str, ...] = (
     "tirelib.errors.RegistryUnavailableError",
     "tirelib.errors.DatabaseUnavailableError",
 )
-"""Dotted names for Airflow's ``ExceptionRetryPolicy`` (it matches by class name)."""
+"""Dotted names for Airflow's ``ExceptionRetryPolicy``, which imports each one and matches with
+``isinstance``: the base class alone would do, the subclasses are listed for the reader."""
 
 FAIL_FAST_ERRORS: tuple[str, ...] = (
     "tirelib.errors.DataError",

@@ -22,12 +22,13 @@ from torch.utils.data import DataLoader
 
 from tirelib import reports
 from tirelib.data import Record, TireImageDataset, ensure_splits
-from tirelib.errors import DataError
+from tirelib.errors import DataError, RegistryError
 from tirelib.metrics import ClassificationMetrics, compute_metrics
 from tirelib.preprocessing import softmax
 from tirelib.progress import progress_bar
 from tirelib.settings import Settings
 from tirelib.storage import ContentCache, ObjectStore
+from tirelib.urls import masked_url
 
 log = logging.getLogger(__name__)
 
@@ -152,15 +153,21 @@ def evaluate_model(
     The model's own preprocessing (carried with it) prepares the images.
     """
     import mlflow.pyfunc
+    from mlflow.exceptions import MlflowException
 
+    from tirelib import tracking
     from tirelib.pyfunc import TireClassifier
 
     store = ObjectStore.for_data(settings)
     test = ensure_splits(store, dataset_version)["test"]
+    uri = settings.mlflow_tracking_uri
     try:
-        loaded = mlflow.pyfunc.load_model(model_uri)
-    except mlflow.exceptions.MlflowException as error:
-        raise DataError(f"could not load model {model_uri}: {error.message}") from error
+        with tracking.outages_are_retryable(uri, f"loading {model_uri}"):
+            loaded = mlflow.pyfunc.load_model(model_uri)
+    except MlflowException as error:  # MLflow answered: no such model, version or alias
+        raise RegistryError(
+            f"MLflow at {masked_url(uri)} cannot load {model_uri}: {error.message}"
+        ) from error
     model = loaded.unwrap_python_model()
     if not isinstance(model, TireClassifier):
         raise DataError(f"{model_uri} is not a tire classifier (it is {type(model).__name__})")
@@ -205,10 +212,14 @@ def evaluate_run(
     from tirelib import tracking
 
     tracking.configure(settings)
+    uri = settings.mlflow_tracking_uri
     try:
-        run = mlflow.get_run(run_id)
-    except MlflowException as error:
-        raise DataError(f"no MLflow run {run_id!r}: {error.message}") from error
+        with tracking.outages_are_retryable(uri, f"reading run {run_id}"):
+            run = mlflow.get_run(run_id)
+    except MlflowException as error:  # MLflow answered: there is no such run
+        raise DataError(
+            f"no MLflow run {run_id!r} at {masked_url(uri)}: {error.message}"
+        ) from error
     model_uri = run.data.tags.get(MODEL_URI_TAG)
     if not model_uri:
         raise DataError(f"run {run_id} has no logged model (tag {MODEL_URI_TAG} is missing)")
@@ -223,7 +234,10 @@ def evaluate_run(
         metrics = evaluation.flat()
         if version != own_version:
             metrics = {f"eval.{version}.{name}": value for name, value in metrics.items()}
-        with mlflow.start_run(run_id=run_id):
+        with (
+            tracking.outages_are_retryable(uri, f"logging the evaluation to run {run_id}"),
+            mlflow.start_run(run_id=run_id),
+        ):
             mlflow.log_metrics(metrics)
             mlflow.log_artifacts(tmp, f"evaluation/{version}")
     return evaluation

@@ -11,6 +11,7 @@ from typing import Any
 from airflow.providers.slack.notifications.slack_webhook import SlackWebhookNotifier
 from airflow.sdk import Asset, ExceptionRetryPolicy, RetryAction, RetryRule
 
+from tirelib.errors import FAIL_FAST_ERRORS, RETRYABLE_ERRORS
 from tirelib.notify import SLACK_CONN_ID
 from tirelib.settings import Settings
 
@@ -35,24 +36,35 @@ def failure_notifier() -> SlackWebhookNotifier:
     )
 
 
-# Bad data or a bad parameter fails at once; only the rest (I/O) is retried.
-BAD_INPUT_FAILS_AT_ONCE = ExceptionRetryPolicy(
+# Rules match subclasses (isinstance) and the first match wins. An unreachable S3, MLflow or
+# PostgreSQL is retried with the task's backoff; bad data or a bad parameter fails at once;
+# anything else (a bug, an error nobody classified) gets the task's ordinary retries.
+RETRY_POLICY = ExceptionRetryPolicy(
     rules=[
         RetryRule(
-            exception=["tirelib.errors.DataError", "tirelib.errors.ConfigurationError"],
+            exception=list(RETRYABLE_ERRORS),
+            action=RetryAction.RETRY,
+            reason="a service could not be reached: retrying with backoff",
+        ),
+        RetryRule(
+            exception=list(FAIL_FAST_ERRORS),
             action=RetryAction.FAIL,
             reason="bad data or parameters: a retry cannot help",
-        )
+        ),
     ]
 )
 
 
 def io_retries(retries: int = 3) -> dict[str, Any]:
-    """Retries with exponential backoff for tasks that talk to S3, MLflow or Slack."""
+    """Retries with exponential backoff (20 s, 40 s, ... at most 5 min) and :data:`RETRY_POLICY`.
+
+    For tasks that talk to S3, MLflow, PostgreSQL or Slack and are safe to run again
+    (idempotent): an outage is retried, bad input fails at once.
+    """
     return {
         "retries": retries,
         "retry_delay": timedelta(seconds=20),
         "retry_exponential_backoff": True,
         "max_retry_delay": timedelta(minutes=5),
-        "retry_policy": BAD_INPUT_FAILS_AT_ONCE,
+        "retry_policy": RETRY_POLICY,
     }

@@ -22,10 +22,23 @@ from typing import TYPE_CHECKING, Any
 import boto3
 from botocore import UNSIGNED
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    HTTPClientError,
+    SSLError,
+)
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from tirelib.errors import DataError, StorageError
+from tirelib.errors import (
+    TRANSIENT_S3_CODES,
+    DataError,
+    StorageError,
+    StorageUnavailableError,
+    is_transient_http_status,
+)
 from tirelib.progress import progress_bar
+from tirelib.urls import masked_url
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -99,6 +112,36 @@ def s3_client(settings: Settings) -> S3Client:
     return session.client("s3", endpoint_url=settings.s3_endpoint_url, config=config)
 
 
+def is_transient(error: BaseException) -> bool:
+    """Whether a botocore error says the store could not be reached or could not answer now.
+
+    Connection errors and timeouts (a certificate problem aside), and answers with a 5xx or 429
+    status or a "slow down / try later" code are; every other answer is the store's final word.
+    """
+    if isinstance(error, ClientError):
+        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        code = error.response.get("Error", {}).get("Code")
+        return code in TRANSIENT_S3_CODES or is_transient_http_status(status)
+    if isinstance(error, SSLError):
+        return False
+    return isinstance(error, (BotoConnectionError, HTTPClientError, ConnectionError, TimeoutError))
+
+
+def classify(error: Exception, action: str, where: str, endpoint: str | None) -> StorageError:
+    """The tirelib error for a failed S3 request: retryable when :func:`is_transient`.
+
+    ``where`` names the object (``s3://bucket/key``); the message names the endpoint, never
+    credentials.
+    """
+    at = masked_url(endpoint) if endpoint else "the default AWS endpoint"
+    if is_transient(error):
+        return StorageUnavailableError(
+            f"cannot reach S3 at {at} to {action} {where} (botocore's retries are spent; "
+            f"is the store running?): {error}"
+        )
+    return StorageError(f"S3 at {at} refused to {action} {where}: {error}")
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     key: str
@@ -120,7 +163,8 @@ class ObjectStore:
         return cls(s3_client(settings), settings.data_bucket)
 
     def _fail(self, action: str, key: str, error: Exception) -> StorageError:
-        return StorageError(f"could not {action} s3://{self.bucket}/{key}: {error}")
+        where = f"s3://{self.bucket}/{key}"
+        return classify(error, action, where, self.client.meta.endpoint_url)
 
     def iter_objects(self, prefix: str) -> Iterator[ObjectInfo]:
         """Every object below ``prefix``, page by page."""

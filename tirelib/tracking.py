@@ -1,6 +1,12 @@
-"""MLflow helpers: where to track, lineage tags, dataset inputs, and logging the model.
+"""MLflow helpers: where to track, lineage tags, dataset inputs, logging the model, and errors.
 
 Nothing here runs at import: entry points call :func:`configure` once.
+
+MLflow's client retries transient HTTP failures itself; what still comes out is classified by
+:func:`server_unreachable` (a server that could not be reached or could not answer: worth a
+retry) apart from an answer that refuses the request (an unknown run or model: final).
+:func:`outages_are_retryable` turns the first kind into
+:class:`~tirelib.errors.RegistryUnavailableError` and lets every other error through unchanged.
 """
 
 from __future__ import annotations
@@ -8,26 +14,33 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import numpy as np
 import pandas as pd
+import requests
 import torch
+import urllib3.exceptions
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
+from mlflow.exceptions import MlflowException, RestException
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema, TensorSpec
 from PIL import Image
 
+from tirelib.errors import RegistryUnavailableError, is_transient_http_status
 from tirelib.preprocessing import Preprocessing
 from tirelib.pyfunc import INPUT_COLUMN, TireClassifier, write_model_files
 from tirelib.settings import Settings
+from tirelib.urls import mask_credentials, masked_url
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +58,85 @@ def configure(settings: Settings) -> str:
     if not sys.stderr.isatty():  # progress bars would flood task logs
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
-    experiment = mlflow.set_experiment(settings.experiment)
+    with outages_are_retryable(
+        settings.mlflow_tracking_uri, f"opening experiment {settings.experiment!r}"
+    ):
+        experiment = mlflow.set_experiment(settings.experiment)
     return str(experiment.experiment_id)
+
+
+# --- errors --------------------------------------------------------------------------------
+
+# What MLflow's REST client says once its own retries are spent (connection refused or reset,
+# timeouts, 5xx and 429 answers), or for an answer without a JSON body.
+_TRANSPORT_FAILURE = re.compile(r"API request to \S+ failed with (timeout )?exception")
+_STATUS_IN_MESSAGE = re.compile(r"API request to (?:endpoint )?\S+ failed with error code (\d{3})")
+_UNREACHABLE = (
+    requests.ConnectionError,
+    requests.Timeout,
+    requests.exceptions.RetryError,
+    urllib3.exceptions.MaxRetryError,
+    urllib3.exceptions.NewConnectionError,
+    urllib3.exceptions.ProtocolError,
+    ConnectionError,
+    TimeoutError,
+)
+
+
+def server_unreachable(error: BaseException) -> bool:
+    """Whether an MLflow client error means the server could not be reached or could not answer.
+
+    True for connection failures and timeouts, and for answers with a 5xx or 429 status (a
+    server whose database is down answers 500); False for an answer that refuses the request
+    (no such run or model, a bad parameter: 4xx) and for errors raised without asking a server.
+    The chain of causes is followed, as MLflow wraps the transport's errors.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, requests.HTTPError) and current.response is not None:
+            return is_transient_http_status(current.response.status_code)
+        if isinstance(current, _UNREACHABLE):
+            return True
+        if isinstance(current, RestException):  # the server answered with a JSON error
+            return is_transient_http_status(current.get_http_status_code())
+        if isinstance(current, MlflowException):
+            message = str(current.message)
+            if match := _STATUS_IN_MESSAGE.search(message):
+                return is_transient_http_status(int(match.group(1)))
+            # Also inside the summary of failed artifact downloads, which keeps no cause.
+            if _TRANSPORT_FAILURE.search(message):
+                return True
+        current = current.__cause__
+    return False
+
+
+def unavailable_error(
+    error: BaseException, tracking_uri: str, doing: str
+) -> RegistryUnavailableError:
+    """The retryable error for ``error`` (see :func:`server_unreachable`), naming the server."""
+    detail = mask_credentials(str(getattr(error, "message", None) or error))
+    return RegistryUnavailableError(
+        f"cannot reach the MLflow tracking server at {masked_url(tracking_uri)} while {doing} "
+        f"(MLflow's own retries are spent; is it running?): {detail[:500]}"
+    )
+
+
+@contextmanager
+def outages_are_retryable(tracking_uri: str, doing: str) -> Iterator[None]:
+    """Raise :class:`RegistryUnavailableError` for an unreachable server; other errors pass.
+
+    ``doing`` completes "while ..." in the message (``"loading models:/m/1"``). Wrap the
+    MLflow calls of a step in it; a caller that also turns MLflow's refusals into errors of its
+    own catches :class:`MlflowException` outside it.
+    """
+    try:
+        yield
+    except Exception as error:
+        if server_unreachable(error):
+            raise unavailable_error(error, tracking_uri, doing) from error
+        raise
 
 
 def git_commit() -> str | None:

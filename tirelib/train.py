@@ -444,9 +444,14 @@ def train(
         JOB_DIGEST_TAG: job_digest(config, manifest.content()),
         **tracking.lineage_tags(),
     }
-    with _run_or_none(
-        track, run_name=run_name or f"{config.model_type}-{config.dataset_version}", tags=tags
-    ) as run:
+    job = f"{config.model_type} on {config.dataset_version}"
+    with (
+        # An MLflow outage while tracking is retryable; anything else passes unchanged.
+        tracking.outages_are_retryable(settings.mlflow_tracking_uri, f"tracking {job}"),
+        _run_or_none(
+            track, run_name=run_name or f"{config.model_type}-{config.dataset_version}", tags=tags
+        ) as run,
+    ):
         if run is not None:
             import mlflow
 
@@ -545,13 +550,16 @@ def find_finished_run(config: TrainConfig, settings: Settings) -> TrainResult | 
     manifest = read_manifest(ObjectStore.for_data(settings), config.dataset_version)
     experiment_id = tracking.configure(settings)
     digest = job_digest(config, manifest.content())
-    runs = mlflow.search_runs(
-        [experiment_id],
-        filter_string=f"tags.`{JOB_DIGEST_TAG}` = '{digest}' and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-        output_format="list",
-    )
+    with tracking.outages_are_retryable(settings.mlflow_tracking_uri, "looking for a finished run"):
+        runs = mlflow.search_runs(
+            [experiment_id],
+            filter_string=(
+                f"tags.`{JOB_DIGEST_TAG}` = '{digest}' and attributes.status = 'FINISHED'"
+            ),
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+            output_format="list",
+        )
     if not runs or MODEL_URI_TAG not in runs[0].data.tags:
         return None
     run = runs[0]
