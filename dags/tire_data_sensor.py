@@ -1,19 +1,24 @@
 """tire_data_sensor: notice a new dataset version in the lake and announce it as an asset event.
 
-A version is complete when its ``raw/<version>/_manifest.json`` exists (the uploader writes it
-last); the sensor keeps only versions without a ``state/processed/<version>.json`` marker. The
-asset event's extra names the version, and schedules ``tire_training_pipeline``.
+A version is ready when ``raw/<version>/_manifest.json`` exists and no ``state/processed/``,
+``state/processing/`` or ``state/failed/`` marker names it. A version uploaded by any other S3
+client (``aws s3 sync``, the console, a camera gateway) has no manifest: once no object under
+``raw/<version>/`` has changed for ``TIRE_SETTLE_SECONDS`` (120 by default), the sensor ingests
+it (checks every object, writes the manifest with the skipped files listed). A version with no
+usable image is marked failed and newer versions go ahead. The asset event's extra names the
+oldest ready version and schedules ``tire_training_pipeline``.
+
+**When a version is marked failed**: `tirelib data list` shows it as `failed` with the reason;
+fix the data, then `tirelib data retry <version>` and the sensor takes it again.
 """
 
 from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from airflow.providers.amazon.aws.sensors.s3 import S3KeySensor
-from airflow.sdk import DAG, Metadata, task
+from airflow.sdk import DAG, Metadata, PokeReturnValue, task
 
 from tirelib.orchestration import failure_notifier, io_retries, raw_data_asset
-from tirelib.pipeline import AWS_CONN_ID, has_new_versions
 from tirelib.settings import get_settings
 
 settings = get_settings()
@@ -30,19 +35,22 @@ with DAG(
     tags=["tire", "data"],
     doc_md=__doc__,
 ):
-    wait_for_new_version = S3KeySensor(
-        task_id="wait_for_new_version",
-        aws_conn_id=AWS_CONN_ID,
-        bucket_name=settings.data_bucket,
-        bucket_key="raw/*/_manifest.json",
-        wildcard_match=True,
-        check_fn=has_new_versions,
+    # Reschedule mode frees the worker slot between pokes. Each poke decides from S3 alone
+    # (markers, and LastModified for the settle period), so nothing is kept between pokes; the
+    # amazon provider's S3KeysUnchangedSensor keeps its "unchanged since" state in memory,
+    # which reschedule mode loses at every poke, so it cannot be used here.
+    @task.sensor(
         mode="reschedule",
         poke_interval=settings.sensor_poke_seconds,
         # Give up shortly before the next scheduled run; nothing new is not a failure.
         timeout=timedelta(minutes=4, seconds=30).total_seconds(),
         soft_fail=True,
     )
+    def wait_for_new_version() -> PokeReturnValue:
+        from tirelib import pipeline
+
+        ready = pipeline.poke_new_versions()
+        return PokeReturnValue(is_done=bool(ready), xcom_value=ready)
 
     @task(outlets=[RAW_DATA])
     def announce_versions():
@@ -50,4 +58,4 @@ with DAG(
 
         yield Metadata(RAW_DATA, pipeline.announce_versions())
 
-    wait_for_new_version >> announce_versions()
+    wait_for_new_version() >> announce_versions()

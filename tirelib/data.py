@@ -1,7 +1,9 @@
-"""Dataset versions in the data lake: upload, list, split, and read back for training.
+"""Dataset versions in the data lake: upload, ingest, list, split, and read back for training.
 
 A version is the folder ``raw/<version>/`` with one sub-folder per label and a ``_manifest.json``
-written last, whose presence means the version is complete. Splits are decided by each image's
+written last, whose presence means the version is complete: the uploader writes it, or
+:func:`ingest_version` does for images any S3 client put there. Markers under ``state/`` say
+where a version stands (:class:`VersionState`). Splits are decided by each image's
 sha256, so an image keeps its split in every version and the test set never leaks into training.
 """
 
@@ -18,6 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +28,19 @@ from PIL import Image, UnidentifiedImageError
 
 from tirelib.errors import DataError, VersionExistsError
 from tirelib.progress import progress_bar
+from tirelib.settings import get_settings
 from tirelib.storage import (
+    FAILED_PREFIX,
     PROCESSED_PREFIX,
+    PROCESSING_PREFIX,
     RAW_PREFIX,
     ContentCache,
+    ObjectInfo,
     ObjectStore,
+    failed_key,
     manifest_key,
     processed_key,
+    processing_key,
     raw_prefix,
     split_key,
 )
@@ -42,6 +51,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 SPLITS = ("train", "val", "test")
 DEFAULT_RATIOS = (0.7, 0.15, 0.15)
 MANIFEST_FORMAT = 1
+INGEST_SOURCE = "s3"  # the manifest's source when tirelib wrote it for objects already there
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 _CONTENT_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
 
@@ -328,7 +338,14 @@ def upload_version(
             )
         log.warning("replacing version %s (--force)", version)
         # Incomplete from here on, so a sensor never sees a half-replaced version.
-        store.delete([manifest_key(version), processed_key(version)])
+        store.delete(
+            [
+                manifest_key(version),
+                processed_key(version),
+                processing_key(version),
+                failed_key(version),
+            ]
+        )
         store.delete(split_key(version, s) for s in SPLITS)
 
     present = {o.key: o for o in store.iter_objects(prefix)}
@@ -370,7 +387,47 @@ def upload_version(
     return UploadReport(version, len(todo), len(records) - len(todo), manifest.counts, skipped)
 
 
-# --- listing -------------------------------------------------------------------------------
+# --- version states ------------------------------------------------------------------------
+
+
+class VersionState(StrEnum):
+    """Where a version stands, as ``tirelib data list`` shows it."""
+
+    UPLOADING = "uploading"  # objects without a manifest, changed within the settle period
+    NEW = "new"  # waiting for the pipeline (a settled upload without a manifest is ingested first)
+    PROCESSING = "processing"  # a pipeline run has taken it
+    PROCESSED = "processed"  # the pipeline has finished with it
+    FAILED = "failed"  # the pipeline gave up on it; `tirelib data retry` clears the mark
+
+
+def decide_state(
+    *,
+    complete: bool,
+    processed: bool = False,
+    failed: bool = False,
+    processing: bool = False,
+    last_change: datetime | None = None,
+    now: datetime | None = None,
+    settle_seconds: float = 0,
+) -> VersionState:
+    """A version's state from its markers and, without a manifest, from its newest object.
+
+    A failed mark wins over a processed one: a later run of a processed version that failed is
+    what an operator needs to see. A version without a manifest is ``uploading`` until no
+    object under it has changed for ``settle_seconds``; then it is ``new`` (to be ingested).
+    """
+    if failed:
+        return VersionState.FAILED
+    if processed:
+        return VersionState.PROCESSED
+    if processing:
+        return VersionState.PROCESSING
+    if complete:
+        return VersionState.NEW
+    if last_change is None:
+        return VersionState.UPLOADING
+    age = ((now or datetime.now(UTC)) - last_change).total_seconds()
+    return VersionState.NEW if age >= settle_seconds else VersionState.UPLOADING
 
 
 @dataclass(frozen=True)
@@ -381,10 +438,18 @@ class VersionInfo:
     created_at: str | None = None
     counts: dict[str, int] = field(default_factory=dict)
     skipped: int = 0
+    state: VersionState = VersionState.NEW
+    last_change: str | None = None  # newest object of a version without a manifest
+    failure: dict[str, Any] | None = None  # the failed marker, when listed in detail
 
     @property
     def total(self) -> int:
         return sum(self.counts.values())
+
+    @property
+    def order(self) -> tuple[str, str]:
+        """Oldest first: by creation time (newest upload for a version not ingested yet)."""
+        return (self.created_at or self.last_change or "9999", self.version)
 
 
 def read_manifest(store: ObjectStore, version: str) -> Manifest:
@@ -397,39 +462,283 @@ def read_manifest(store: ObjectStore, version: str) -> Manifest:
     return Manifest.from_json(store.get_json(manifest_key(version)))
 
 
-def processed_versions(store: ObjectStore) -> set[str]:
+def _marked(store: ObjectStore, prefix: str) -> set[str]:
     return {
-        o.key.removeprefix(PROCESSED_PREFIX).removesuffix(".json")
-        for o in store.iter_objects(PROCESSED_PREFIX)
+        o.key.removeprefix(prefix).removesuffix(".json")
+        for o in store.iter_objects(prefix)
+        if o.key.endswith(".json")
     }
 
 
-def list_versions(store: ObjectStore, *, max_workers: int = 8) -> list[VersionInfo]:
-    """Every version in the lake, complete or not, with counts per label, oldest first."""
+def processed_versions(store: ObjectStore) -> set[str]:
+    return _marked(store, PROCESSED_PREFIX)
+
+
+def failed_versions(store: ObjectStore) -> set[str]:
+    return _marked(store, FAILED_PREFIX)
+
+
+def _iso(moment: datetime | None) -> str | None:
+    if moment is None:
+        return None
+    return moment.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def last_change(store: ObjectStore, version: str) -> datetime | None:
+    """When the newest object under ``raw/<version>/`` was written (S3's LastModified)."""
+    times = [o.last_modified for o in store.iter_objects(raw_prefix(version)) if o.last_modified]
+    return max(times, default=None)
+
+
+def list_versions(
+    store: ObjectStore,
+    *,
+    settle_seconds: float | None = None,
+    detail: bool = True,
+    max_workers: int = 8,
+    now: datetime | None = None,
+) -> list[VersionInfo]:
+    """Every version in the lake with its state, oldest first.
+
+    With ``detail`` each manifest is read for its counts and each failed marker for its
+    reason; without, only versions still waiting are looked into (the sensor's cheap path:
+    processed and failed versions cost no request). ``settle_seconds`` defaults to the
+    ``TIRE_SETTLE_SECONDS`` setting.
+    """
+    if settle_seconds is None:
+        settle_seconds = get_settings().settle_seconds
+    now = now or datetime.now(UTC)
     names = [p.removeprefix(RAW_PREFIX).rstrip("/") for p in store.iter_prefixes(RAW_PREFIX)]
     processed = processed_versions(store)
+    failed = failed_versions(store)
+    processing = _marked(store, PROCESSING_PREFIX)
 
     def info(name: str) -> VersionInfo:
-        if not store.exists(manifest_key(name)):
-            return VersionInfo(name, complete=False, processed=name in processed)
-        manifest = Manifest.from_json(store.get_json(manifest_key(name)))
+        done, gave_up, taken = name in processed, name in failed, name in processing
+        failure = read_failure(store, name) if detail and gave_up else None
+        if not detail and (done or gave_up or taken):
+            state = decide_state(complete=True, processed=done, failed=gave_up, processing=taken)
+            return VersionInfo(name, True, done, state=state)
+        if store.exists(manifest_key(name)):
+            manifest = Manifest.from_json(store.get_json(manifest_key(name)))
+            state = decide_state(complete=True, processed=done, failed=gave_up, processing=taken)
+            return VersionInfo(
+                name,
+                True,
+                done,
+                manifest.created_at,
+                manifest.counts,
+                len(manifest.skipped),
+                state,
+                failure=failure,
+            )
+        changed = last_change(store, name)
+        state = decide_state(
+            complete=False,
+            processed=done,
+            failed=gave_up,
+            processing=taken,
+            last_change=changed,
+            now=now,
+            settle_seconds=settle_seconds,
+        )
         return VersionInfo(
-            name,
-            True,
-            name in processed,
-            manifest.created_at,
-            manifest.counts,
-            len(manifest.skipped),
+            name, False, done, state=state, last_change=_iso(changed), failure=failure
         )
 
     with ThreadPoolExecutor(max_workers=max_workers) as pool:
         infos = list(pool.map(info, names))
-    return sorted(infos, key=lambda i: (i.created_at or "9999", i.version))
+    return sorted(infos, key=lambda i: i.order)
+
+
+def waiting_versions(
+    store: ObjectStore, *, settle_seconds: float | None = None, now: datetime | None = None
+) -> list[VersionInfo]:
+    """Versions in state ``new``, oldest first: complete ones, and settled uploads to ingest."""
+    infos = list_versions(store, settle_seconds=settle_seconds, detail=False, now=now)
+    return [i for i in infos if i.state is VersionState.NEW]
+
+
+def mark_processing(store: ObjectStore, version: str, run_id: str) -> None:
+    """Record that pipeline run ``run_id`` has taken ``version`` (the sensor skips it)."""
+    store.put_json(
+        processing_key(version), {"version": version, "run_id": run_id, "started_at": _now()}
+    )
 
 
 def mark_processed(store: ObjectStore, version: str, summary: dict[str, Any]) -> None:
     """Record that the pipeline has finished with ``version`` (what the sensor checks)."""
     store.put_json(processed_key(version), {"version": version, "processed_at": _now(), **summary})
+    # A successful run supersedes an earlier failure of the same version.
+    store.delete([processing_key(version), failed_key(version)])
+
+
+def mark_failed(store: ObjectStore, version: str, failure: dict[str, Any]) -> dict[str, Any]:
+    """Write ``state/failed/<version>.json``: the sensor skips the version from now on.
+
+    ``failure`` says why (``reason``, ``task``, ``run_url``, ``error``, ``kind``); the marker
+    adds the version and the time. Returns what was written.
+    """
+    marker = {"version": version, "failed_at": _now(), **failure}
+    store.put_json(failed_key(version), marker)
+    store.delete([processing_key(version)])
+    return marker
+
+
+def release_version(store: ObjectStore, version: str, run_id: str) -> None:
+    """Remove the processing mark run ``run_id`` wrote: the version is ``new`` again."""
+    try:
+        marker = store.get_json(processing_key(version))
+    except DataError:  # no mark (or not JSON): nothing of this run's to remove
+        return
+    if isinstance(marker, dict) and marker.get("run_id") == run_id:
+        store.delete([processing_key(version)])
+
+
+def version_exists(store: ObjectStore, version: str) -> bool:
+    """Whether the lake holds anything under ``raw/<version>/``."""
+    return next(store.iter_objects(raw_prefix(version)), None) is not None
+
+
+def read_failure(store: ObjectStore, version: str) -> dict[str, Any] | None:
+    """The failed marker of ``version``, or None when it is not marked failed."""
+    try:
+        marker = store.get_json(failed_key(version))
+    except DataError:  # no such object (a marker removed meanwhile), or not JSON
+        return None
+    return marker if isinstance(marker, dict) else {"reason": str(marker)}
+
+
+def retry_version(store: ObjectStore, version: str) -> dict[str, Any] | None:
+    """Clear the failed (and any processing) mark of ``version`` so the sensor takes it again.
+
+    Returns the marker removed, or None when the version was not marked failed. Refuses a
+    version the lake does not hold.
+    """
+    validate_name(version)
+    failure = read_failure(store, version)
+    if failure is None and not version_exists(store, version):
+        raise DataError(
+            f"dataset version {version!r} not found under s3://{store.bucket}/"
+            f"{raw_prefix(version)}; `tirelib data list` shows the versions there are"
+        )
+    store.delete([failed_key(version), processing_key(version)])
+    if failure is not None:
+        log.info("cleared the failed mark of version %s (%s)", version, failure.get("reason"))
+    return failure
+
+
+# --- ingesting what any S3 client uploaded -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IngestReport:
+    version: str
+    counts: dict[str, int]
+    skipped: list[Skipped]
+    written: bool  # False when the manifest there already described the same images
+
+
+def _object_problem(relative: str, size: int) -> str | None:
+    """Why an object below ``raw/<version>/`` is not a candidate image, from its key alone."""
+    parts = relative.split("/")
+    if len(parts) < 2:
+        return "not in a label folder (raw/<version>/<label>/<file>)"
+    if any(part.startswith(".") for part in parts):
+        return "hidden file"
+    if not NAME_RE.match(parts[0]):
+        return "label folder name not allowed (letters, digits, '.', '_', '-')"
+    if size == 0:
+        return "zero-byte file"
+    return None
+
+
+def ingest_version(
+    store: ObjectStore,
+    version: str,
+    *,
+    cache: ContentCache | None = None,
+    max_workers: int = 16,
+) -> IngestReport:
+    """Write the manifest of a version uploaded without one (``aws s3 sync``, a console, ...).
+
+    Every object under ``raw/<version>/<label>/`` is read and checked: hidden, empty and
+    undecodable files are left out and listed in the manifest's ``skipped`` with a reason.
+    The manifest is written last, in the uploader's format. Ingesting again changes nothing
+    when the images are the same; when they changed, the manifest is rewritten and the
+    version's splits and processed mark are dropped, so the pipeline runs on it again.
+    ``cache`` keeps the bytes read, so the pipeline does not download them a second time.
+    """
+    validate_name(version)
+    prefix = raw_prefix(version)
+    objects = [
+        o
+        for o in store.iter_objects(prefix)
+        if o.key != manifest_key(version) and not o.key.endswith("/")  # "/": console folders
+    ]
+    skipped: list[Skipped] = []
+    candidates = []
+    for obj in objects:
+        problem = _object_problem(obj.key.removeprefix(prefix), obj.size)
+        if problem:
+            skipped.append(Skipped(obj.key.removeprefix(prefix), problem))
+        else:
+            candidates.append(obj)
+
+    def check(obj: ObjectInfo) -> Record | Skipped:
+        data = store.get_bytes(obj.key)
+        relative = obj.key.removeprefix(prefix)
+        reason = check_image(data)
+        if reason:
+            return Skipped(relative, reason)
+        sha = hashlib.sha256(data).hexdigest()
+        if cache is not None:
+            cache.put(sha, data, source=f"s3://{store.bucket}/{obj.key}")
+        return Record(obj.key, relative.split("/", 1)[0], sha, len(data))
+
+    records: list[Record] = []
+    with ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="ingest") as pool:
+        for result in pool.map(check, candidates):
+            if isinstance(result, Skipped):
+                skipped.append(result)
+            else:
+                records.append(result)
+    skipped.sort(key=lambda s: s.path)
+    for item in skipped:
+        log.warning("version %s: skipped %s: %s", version, item.path, item.reason)
+    if not records:
+        examples = ", ".join(f"{s.path} ({s.reason})" for s in skipped[:5])
+        raise DataError(
+            f"version {version!r} has no usable images under s3://{store.bucket}/{prefix}"
+            f"<label>/ ({len(objects)} object(s){': ' + examples if examples else ''}); "
+            "upload images into one folder per label (good/, defective/, ...)"
+        )
+    newest = max((o.last_modified for o in objects if o.last_modified), default=None)
+    records.sort(key=lambda r: r.key)
+    manifest = Manifest(version, _iso(newest) or _now(), records, skipped, INGEST_SOURCE)
+
+    if store.exists(manifest_key(version)):
+        existing = Manifest.from_json(store.get_json(manifest_key(version)))
+        if existing.content() == manifest.content():
+            log.info("version %s is ingested already with the same images", version)
+            return IngestReport(version, manifest.counts, skipped, written=False)
+        log.warning(
+            "version %s changed since its manifest was written (%d images then, %d now): "
+            "writing it again and dropping its splits",
+            version,
+            len(existing.records),
+            len(records),
+        )
+        store.delete([manifest_key(version), processed_key(version)])
+        store.delete(split_key(version, s) for s in SPLITS)
+    store.put_json(manifest_key(version), manifest.to_json())
+    log.info(
+        "ingested version %s: %s, %d skipped",
+        version,
+        ", ".join(f"{label}={n}" for label, n in manifest.counts.items()),
+        len(skipped),
+    )
+    return IngestReport(version, manifest.counts, skipped, written=True)
 
 
 # --- splitting -----------------------------------------------------------------------------

@@ -5,15 +5,16 @@ Imported at DAG-parse time, so it imports Airflow's SDK and tirelib's settings o
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-from airflow.providers.slack.notifications.slack_webhook import SlackWebhookNotifier
-from airflow.sdk import Asset, ExceptionRetryPolicy, RetryAction, RetryRule
+from airflow.sdk import Asset, Context, ExceptionRetryPolicy, RetryAction, RetryRule
 
 from tirelib.errors import FAIL_FAST_ERRORS, RETRYABLE_ERRORS
-from tirelib.notify import SLACK_CONN_ID
 from tirelib.settings import Settings
+
+RESOLVE_TASK = "resolve_version"  # the pipeline's first task; its XCom names the run's version
 
 
 def raw_data_asset(settings: Settings) -> Asset:
@@ -21,19 +22,56 @@ def raw_data_asset(settings: Settings) -> Asset:
     return Asset(uri=f"s3://{settings.data_bucket}/raw", name="tire_raw_data")
 
 
-def failure_notifier() -> SlackWebhookNotifier:
-    """Slack on failure: DAG, task, try, error and a link to the log (connection slack_webhook).
+def failure_notifier() -> Callable[[Context], None]:
+    """The ``on_failure_callback`` of every task: :func:`on_task_failure`."""
+    return on_task_failure
 
-    A notifier that cannot reach Slack is logged by Airflow and never fails the task.
+
+def on_task_failure(context: Context) -> None:
+    """A task failed for good: bad input at once, or an outage or error after its retries.
+
+    Runs in the task's own process (Airflow 3), after the retry policy decided. Marks the run's
+    dataset version failed (``state/failed/<version>.json``: reason, task, run link, time) so
+    the sensor skips it and newer versions go ahead, and posts to Slack once, saying whether the
+    error was failed at once or after how many tries. Without a ``slack_webhook`` connection
+    that is one quiet log line; a Slack that cannot be reached never fails anything.
     """
-    return SlackWebhookNotifier(
-        slack_webhook_conn_id=SLACK_CONN_ID,
-        text=(
-            ":red_circle: {{ dag.dag_id }}.{{ ti.task_id }} failed "
-            "(try {{ ti.try_number }} of {{ ti.max_tries + 1 }}): {{ exception }}\n"
-            "log: {{ ti.log_url }}"
-        ),
+    from tirelib.pipeline import TaskFailure, version_failed
+
+    ti = context["ti"]
+    error = context.get("exception")
+    mapped = ti.map_index is not None and ti.map_index >= 0
+    failure = TaskFailure(
+        dag_id=ti.dag_id,
+        task_id=f"{ti.task_id}[{ti.map_index}]" if mapped else ti.task_id,
+        error=error if isinstance(error, BaseException) else None,
+        run_id=ti.run_id,
+        try_number=ti.try_number,
+        max_tries=ti.max_tries,
+        log_url=ti.log_url,
+        version=_run_version(context),
     )
+    version_failed(failure)
+
+
+def _run_version(context: Context) -> str | None:
+    """The dataset version of the failed task's run: what ``resolve_version`` chose, else the
+    version the run was started with (params, or the asset event's extra)."""
+    from tirelib.pipeline import version_of
+
+    ti = context["ti"]
+    if ti.task_id != RESOLVE_TASK and RESOLVE_TASK in context["dag"].task_ids:
+        jobs = ti.xcom_pull(task_ids=RESOLVE_TASK)
+        if jobs:
+            return version_of(jobs)
+    named = (context.get("params") or {}).get("dataset_version")
+    if named:
+        return str(named)
+    for events in (context.get("triggering_asset_events") or {}).values():
+        for event in events:
+            if (event.extra or {}).get("version"):
+                return str(event.extra["version"])
+    return None
 
 
 # Rules match subclasses (isinstance) and the first match wins. An unreachable S3, MLflow or

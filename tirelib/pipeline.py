@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import SecretStr
@@ -19,12 +20,17 @@ from tirelib.data import (
     DEFAULT_RATIOS,
     TireImageDataset,
     ensure_splits,
-    list_versions,
     processed_versions,
     read_manifest,
     validate_name,
 )
-from tirelib.errors import DataError
+from tirelib.errors import (
+    ConfigurationError,
+    DataError,
+    ServiceUnavailableError,
+    TirelibError,
+    is_retryable,
+)
 from tirelib.logs import quiet_task_logs
 from tirelib.settings import Settings, get_settings
 from tirelib.storage import ContentCache, ObjectStore, processed_key
@@ -77,23 +83,41 @@ def _store(settings: Settings) -> ObjectStore:
 
 
 def new_versions(settings: Settings | None = None) -> list[str]:
-    """Complete versions (manifest written) that have no processed marker, oldest first."""
+    """Versions waiting for the pipeline (state ``new``, manifest written), oldest first."""
     settings = settings or task_settings()
-    return [v.version for v in list_versions(_store(settings)) if v.complete and not v.processed]
+    waiting = data.waiting_versions(_store(settings), settle_seconds=settings.settle_seconds)
+    return [v.version for v in waiting if v.complete]
 
 
-def has_new_versions(files: Sequence[Mapping[str, Any]], **_: Any) -> bool:
-    """``check_fn`` of the S3 sensor: do any of the matched manifests belong to a new version?
+def poke_new_versions(settings: Settings | None = None) -> list[str]:
+    """The sensor's poke: the versions ready for the pipeline, oldest first.
 
-    ``files`` are the matched ``raw/<version>/_manifest.json`` objects.
+    Stateless, so it works in reschedule mode: a version with a manifest and no marker is
+    ready; one uploaded without a manifest is ingested first, once S3 says no object under it
+    has changed for ``TIRE_SETTLE_SECONDS``. A version with no usable image is marked failed
+    (Slack hears of it once) and the others go ahead.
     """
-    versions = {str(f["Key"]).split("/")[1] for f in files if str(f["Key"]).count("/") == 2}
-    if not versions:
-        return False
-    done = processed_versions(_store(task_settings()))
-    fresh = sorted(versions - done)
-    log.info("manifests: %d, unprocessed: %s", len(versions), fresh or "none")
-    return bool(fresh)
+    settings = settings or task_settings()
+    store = _store(settings)
+    ready = []
+    for info in data.waiting_versions(store, settle_seconds=settings.settle_seconds):
+        if not info.complete:
+            try:
+                data.ingest_version(
+                    store,
+                    info.version,
+                    cache=ContentCache(settings.resolved_cache_dir),
+                    max_workers=settings.s3_max_workers,
+                )
+            except DataError as error:
+                version_failed(
+                    TaskFailure.here("wait_for_new_version", error, version=info.version),
+                    settings,
+                )
+                continue
+        ready.append(info.version)
+    log.info("versions ready for the pipeline: %s", ready or "none")
+    return ready
 
 
 def announce_versions() -> dict[str, Any]:
@@ -117,28 +141,52 @@ def _event_versions(events: Mapping[Any, Iterable[Any]] | None) -> list[str]:
     return versions
 
 
+def _event_version(store: ObjectStore, events: Mapping[Any, Iterable[Any]]) -> str | None:
+    """The first version the asset events name that is neither processed nor marked failed."""
+    candidates = _event_versions(events)
+    finished = processed_versions(store) | data.failed_versions(store)
+    fresh = [v for v in candidates if v not in finished]
+    if not fresh:
+        log.info("versions %s are processed or failed already: nothing to do", candidates or "none")
+        return None
+    return fresh[0]
+
+
+def newest_waiting_version(settings: Settings | None = None) -> str:
+    """The newest version in state ``new``: what a run started by hand without a version takes."""
+    settings = settings or task_settings()
+    waiting = data.waiting_versions(_store(settings), settle_seconds=settings.settle_seconds)
+    complete = [v.version for v in waiting if v.complete]
+    if not complete:
+        raise DataError(
+            "no dataset version is waiting: every version is processed, marked failed or still "
+            "uploading (`tirelib data list` shows their states); name one in dataset_version "
+            "to run it again, or clear a failed one with `tirelib data retry <version>`"
+        )
+    return complete[-1]
+
+
 def resolve_version(
     params: Mapping[str, Any], triggering_asset_events: Mapping[Any, Iterable[Any]] | None = None
 ) -> list[dict[str, Any]]:
     """The training jobs of this run, one per model type, each naming the version to process.
 
-    A run started by hand names its version in ``params``; one started by the sensor takes it
-    from the asset event. A version processed meanwhile gives no jobs: the run skips the rest,
-    so duplicate events cost nothing. Hyperparameters are checked here, before any work.
+    A run started by hand names its version in ``params`` (none named: the newest waiting
+    version, or a :class:`DataError` saying none is waiting); one started by the sensor takes
+    it from the asset event. A version processed or marked failed meanwhile gives no jobs: the
+    run skips the rest, so duplicate events cost nothing. Hyperparameters are checked here,
+    before any work.
     """
     from tirelib.train import make_config
 
     settings = task_settings()
     version = params.get("dataset_version")
-    manual = bool(version)
-    if not manual:
-        candidates = _event_versions(triggering_asset_events)
-        done = processed_versions(_store(settings))
-        fresh = [v for v in candidates if v not in done]
-        if not fresh:
-            log.info("versions %s are processed already: nothing to do", candidates or "none")
+    if not version and triggering_asset_events:
+        version = _event_version(_store(settings), triggering_asset_events)
+        if version is None:
             return []
-        version = fresh[0]
+    elif not version:
+        version = newest_waiting_version(settings)
     version = validate_name(str(version))
     read_manifest(_store(settings), version)  # a clear error for an unknown version
     model_types = list(params.get("model_types") or DEFAULT_MODEL_TYPES)
@@ -155,6 +203,8 @@ def resolve_version(
         }
         jobs.append(make_config(**values).model_dump(mode="json"))  # checked before any work
     log.info("version %s: %d training job(s): %s", version, len(jobs), model_types)
+    if os.environ.get("AIRFLOW_CTX_DAG_RUN_ID"):  # the sensor skips a version a run has taken
+        data.mark_processing(_store(settings), version, os.environ["AIRFLOW_CTX_DAG_RUN_ID"])
     return jobs
 
 
@@ -321,3 +371,129 @@ def report(version: str, evaluation: Mapping[str, Any], promotion: Mapping[str, 
     text = "\n".join(lines)
     notify.send(text, settings)
     return text
+
+
+# --- failures ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TaskFailure:
+    """A task that failed for good, in plain values: what the failure callback knows."""
+
+    dag_id: str
+    task_id: str
+    error: BaseException | None
+    run_id: str | None = None
+    try_number: int = 1
+    max_tries: int = 0
+    log_url: str | None = None
+    version: str | None = None  # the dataset version the run worked on, when known
+
+    @classmethod
+    def here(cls, task_id: str, error: BaseException, *, version: str | None) -> TaskFailure:
+        """A failure noticed inside a running task (the sensor's ingestion of one version)."""
+        return cls(
+            dag_id=os.environ.get("AIRFLOW_CTX_DAG_ID", "tirelib"),
+            task_id=task_id,
+            error=error,
+            run_id=os.environ.get("AIRFLOW_CTX_DAG_RUN_ID"),
+            version=version,
+        )
+
+    @property
+    def kind(self) -> str:
+        """``bad_input`` (never retried), ``infrastructure`` (a service stayed unreachable)
+        or ``error`` (anything else, retried like an outage)."""
+        if isinstance(self.error, (ConfigurationError, DataError)):
+            return "bad_input"
+        if self.error is not None and is_retryable(self.error):
+            return "infrastructure"
+        return "error"
+
+    @property
+    def service(self) -> str | None:
+        """The unreachable service (``S3``, ``MLflow``, ...) behind an infrastructure error."""
+        current = self.error
+        while current is not None:
+            if isinstance(current, ServiceUnavailableError):
+                return current.service
+            current = current.__cause__
+        return None
+
+    def outcome(self) -> str:
+        """How the task ended, in words that match what the retry policy did."""
+        n = self.try_number
+        if self.kind == "bad_input":
+            if n <= 1:
+                return "failed at once: bad input, a retry cannot help"
+            return f"failed on try {n}: bad input, not retried"
+        if n <= self.max_tries:  # tries were left: something ended it without a retry
+            return "failed at once, not retried" if n <= 1 else f"failed on try {n}, not retried"
+        tries = f"{n} {'try' if n == 1 else 'tries'}"
+        if self.service:
+            return f"failed for good after {tries}: {self.service} stayed unreachable"
+        return f"failed for good after {tries}"
+
+    @property
+    def reason(self) -> str:
+        if self.error is None:
+            return "no error was given"
+        return f"{type(self.error).__name__}: {self.error}"
+
+    def marker(self) -> dict[str, Any]:
+        """The content of ``state/failed/<version>.json`` (the time is added when written)."""
+        error = type(self.error) if self.error is not None else None
+        return {
+            "reason": self.reason[:2000],
+            "kind": self.kind,
+            "error": f"{error.__module__}.{error.__qualname__}" if error else None,
+            "service": self.service,
+            "outcome": self.outcome(),
+            "dag_id": self.dag_id,
+            "task": self.task_id,
+            "run_id": self.run_id,
+            "run_url": self.log_url,
+            "tries": self.try_number,
+        }
+
+
+def version_failed(failure: TaskFailure, settings: Settings | None = None) -> dict[str, Any] | None:
+    """Mark the version of a failed run and tell Slack, once; returns the failed marker.
+
+    Newer versions go ahead: the sensor and asset-triggered runs skip a version marked failed
+    until ``tirelib data retry`` clears the mark. Bad parameters of a run
+    (:class:`ConfigurationError`) do not mark its version, whose data was not judged, and a
+    version the lake does not hold (a misspelled name) is not marked either. When S3 itself is
+    what failed, the mark cannot be written, and Slack still hears. Never raises.
+    """
+    settings = settings or task_settings()
+    version = failure.version if failure.version and data.NAME_RE.match(failure.version) else None
+    marker = None
+    if version is not None:
+        try:
+            store = _store(settings)
+            if not data.version_exists(store, version):
+                version = None
+            elif isinstance(failure.error, ConfigurationError):
+                if failure.run_id:
+                    data.release_version(store, version, failure.run_id)
+                version = None
+            else:
+                earlier = data.read_failure(store, version)
+                if earlier and failure.run_id and earlier.get("run_id") == failure.run_id:
+                    log.info("version %s is marked failed by this run already", version)
+                    return earlier  # Slack heard of it when the mark was written
+                marker = data.mark_failed(store, version, failure.marker())
+        except TirelibError as error:
+            log.warning("could not mark dataset version %s failed: %s", version, error)
+    lines = [f":red_circle: {failure.dag_id}.{failure.task_id} {failure.outcome()}"]
+    lines[0] += f": {failure.reason[:800]}"
+    if marker is not None:
+        lines.append(
+            f"dataset version `{version}` is marked failed; newer versions go ahead. "
+            f"Fix it, then `tirelib data retry {version}`"
+        )
+    if failure.log_url:
+        lines.append(f"log: {failure.log_url}")
+    notify.send("\n".join(lines), settings)
+    return marker

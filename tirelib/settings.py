@@ -102,6 +102,13 @@ class Settings(BaseSettings):
     sensor_poke_seconds: int = Field(
         default=30, ge=1, le=3600, description="How often the data sensor looks at the lake."
     )
+    settle_seconds: int = Field(
+        default=120,
+        ge=0,
+        le=86400,
+        description="A version uploaded without a manifest is ingested once no object under "
+        "raw/<version>/ has changed for this long.",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("s3_endpoint_url", "database_url", "airflow_database_url", mode="before")

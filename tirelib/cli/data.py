@@ -1,4 +1,4 @@
-"""``tirelib data``: make, upload, list and split dataset versions."""
+"""``tirelib data``: make, upload, ingest, list, retry and split dataset versions."""
 
 from __future__ import annotations
 
@@ -9,7 +9,15 @@ from typing import Annotated
 
 import typer
 
-from tirelib.data import list_versions, parse_ratios, split_version, upload_version
+from tirelib.data import (
+    VersionState,
+    ingest_version,
+    list_versions,
+    parse_ratios,
+    retry_version,
+    split_version,
+    upload_version,
+)
 from tirelib.settings import get_settings
 from tirelib.storage import ObjectStore
 
@@ -79,30 +87,71 @@ def upload(
 def list_(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for programs.")] = False,
 ) -> None:
-    """Every version with its counts per label, creation time and whether it was processed."""
-    versions = list_versions(_store(), max_workers=get_settings().s3_max_workers)
+    """Every version with its state (uploading, new, processing, processed, failed) and counts."""
+    settings = get_settings()
+    versions = list_versions(_store(), max_workers=settings.s3_max_workers)
     if as_json:
         rows = [
             {
                 "version": v.version,
+                "state": v.state.value,
                 "complete": v.complete,
                 "processed": v.processed,
                 "created_at": v.created_at,
+                "last_change": v.last_change,
                 "counts": v.counts,
                 "skipped": v.skipped,
+                "failure": v.failure,
             }
             for v in versions
         ]
         typer.echo(json.dumps(rows, indent=1))
         return
     if not versions:
-        typer.echo(f"no dataset versions in s3://{get_settings().data_bucket}/raw/")
+        typer.echo(f"no dataset versions in s3://{settings.data_bucket}/raw/")
         return
     typer.echo(f"{'VERSION':<24} {'CREATED':<21} {'IMAGES':>7}  {'STATE':<10} LABELS")
     for v in versions:
-        state = "processed" if v.processed else ("new" if v.complete else "incomplete")
+        created = v.created_at or (f"{v.last_change} (last upload)" if v.last_change else "-")
         labels = " ".join(f"{label}={n}" for label, n in v.counts.items())
-        typer.echo(f"{v.version:<24} {v.created_at or '-':<21} {v.total:>7}  {state:<10} {labels}")
+        if not v.complete and v.state is VersionState.NEW:
+            labels = "not ingested yet"
+        typer.echo(f"{v.version:<24} {created:<21} {v.total:>7}  {v.state.value:<10} {labels}")
+        if v.failure:
+            reason = str(v.failure.get("reason", "")).splitlines()[0][:160]
+            typer.echo(f"{'':<24} failed in {v.failure.get('task', '?')}: {reason}")
+
+
+@app.command()
+def ingest(version: VersionOption) -> None:
+    """Write the manifest of a version uploaded by any S3 client, now (the upload is done).
+
+    Every object under raw/<version>/<label>/ is checked; hidden, empty and undecodable files
+    are left out and listed in the manifest with the reason. Running it again changes nothing.
+    """
+    settings = get_settings()
+    report = ingest_version(_store(), version, max_workers=settings.s3_max_workers)
+    for item in report.skipped:
+        typer.secho(f"skipped {item.path}: {item.reason}", err=True, fg=typer.colors.YELLOW)
+    counts = ", ".join(f"{label}={n}" for label, n in report.counts.items())
+    done = "ingested" if report.written else "already ingested with the same images:"
+    typer.echo(f"{done} version {version} ({counts}); {len(report.skipped)} skipped")
+
+
+@app.command()
+def retry(
+    version: Annotated[str, typer.Argument(help="The version marked failed.")],
+) -> None:
+    """Clear a version's failed mark: the sensor announces it again and the pipeline retries."""
+    failure = retry_version(_store(), version)
+    if failure is None:
+        typer.echo(f"version {version} is not marked failed; nothing to clear")
+    else:
+        typer.echo(
+            f"cleared the failed mark of version {version} "
+            f"({failure.get('task', '?')}: {str(failure.get('reason', ''))[:160]}); "
+            "the sensor takes it on its next look"
+        )
 
 
 @app.command()
