@@ -181,13 +181,17 @@ def resolve_version(
 
     settings = task_settings()
     version = params.get("dataset_version")
+    source = "named in the run's params"
     if not version and triggering_asset_events:
         version = _event_version(_store(settings), triggering_asset_events)
         if version is None:
             return []
+        source = "from the sensor's asset event"
     elif not version:
         version = newest_waiting_version(settings)
+        source = "the newest waiting version: the run named none"
     version = validate_name(str(version))
+    log.info("processing dataset version %s (%s)", version, source)
     read_manifest(_store(settings), version)  # a clear error for an unknown version
     model_types = list(params.get("model_types") or DEFAULT_MODEL_TYPES)
     jobs = []

@@ -54,6 +54,19 @@ def test_resolution_from_an_event_or_params(lake: ObjectStore) -> None:
     assert pipeline.version_of(pipeline.resolve_version({"dataset_version": "v1"})) == "v1"
 
 
+def test_the_first_task_says_which_version_it_processes(
+    lake: ObjectStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    events = {"tire_raw_data": [Event({"version": "v1", "pending": ["v1"]})]}
+    with caplog.at_level("INFO", logger="tirelib.pipeline"):
+        pipeline.resolve_version({}, events)
+    assert "processing dataset version v1 (from the sensor's asset event)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="tirelib.pipeline"):
+        pipeline.resolve_version({"dataset_version": "v1"})
+    assert "processing dataset version v1 (named in the run's params)" in caplog.text
+
+
 @pytest.mark.parametrize(
     ("params", "error", "message"),
     [
