@@ -11,13 +11,16 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import DAG, Param, task
 
-from tirelib.models import list_models
+from tirelib.config import dag_params
 from tirelib.orchestration import failure_notifier, io_retries, raw_data_asset
 from tirelib.settings import get_settings
 
 settings = get_settings()
 RAW_DATA = raw_data_asset(settings)
-METRICS = ["loss", "accuracy", "precision", "recall", "f1"]
+# Defaults, bounds, allowed values and descriptions come from tirelib.config's models.
+PARAMS = dag_params(
+    epochs=settings.pipeline_epochs, min_accuracy=settings.min_accuracy, min_f1=settings.min_f1
+)
 
 with DAG(
     dag_id="tire_training_pipeline",
@@ -31,32 +34,7 @@ with DAG(
         "execution_timeout": timedelta(minutes=30),
         "on_failure_callback": [failure_notifier()],
     },
-    params={
-        "dataset_version": Param(
-            None,
-            type=["null", "string"],
-            pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
-            description="Version to process; empty: the one the sensor announced.",
-        ),
-        "model_types": Param(
-            ["cnn"],
-            type="array",
-            items={"type": "string", "enum": [*list_models(), "efficientnet"]},
-            minItems=1,
-            description="Architectures to train, one mapped task each.",
-        ),
-        "epochs": Param(settings.pipeline_epochs, type="integer", minimum=1, maximum=1000),
-        "learning_rate": Param(0.001, type="number", exclusiveMinimum=0, maximum=10),
-        "batch_size": Param(32, type="integer", minimum=1, maximum=4096),
-        "optimizer_type": Param("adam", type="string", enum=["adam", "adamw", "sgd", "rmsprop"]),
-        "metric": Param("f1", type="string", enum=METRICS, description="Chooses and gates."),
-        "thresholds": Param(
-            {"accuracy": settings.min_accuracy, "f1": settings.min_f1, "margin": 0.0},
-            type="object",
-            description="Floors a model must reach to be registered, and the margin by which "
-            "it must beat production on the same test split.",
-        ),
-    },
+    params={name: Param(**schema) for name, schema in PARAMS.items()},
     tags=["tire", "training"],
     doc_md=__doc__,
 ):
@@ -126,7 +104,9 @@ with DAG(
 
         return pipeline.report(pipeline.version_of(jobs), evaluation, promotion)
 
-    jobs = resolve_version()  # one per model type; empty (skip the rest) when nothing is new
+    # One job per model type (times a sweep's combinations); none (skip the rest) when nothing
+    # is new.
+    jobs = resolve_version()
     trained = train.expand(job=jobs)
     validate_data(jobs) >> split(jobs) >> trained
     evaluation = evaluate(jobs, trained)

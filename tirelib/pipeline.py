@@ -38,7 +38,6 @@ from tirelib.storage import ContentCache, ObjectStore, processed_key
 log = logging.getLogger(__name__)
 
 AWS_CONN_ID = "aws_default"
-DEFAULT_MODEL_TYPES = ("cnn",)
 
 
 # --- settings inside and outside Airflow ---------------------------------------------------
@@ -169,17 +168,20 @@ def newest_waiting_version(settings: Settings | None = None) -> str:
 def resolve_version(
     params: Mapping[str, Any], triggering_asset_events: Mapping[Any, Iterable[Any]] | None = None
 ) -> list[dict[str, Any]]:
-    """The training jobs of this run, one per model type, each naming the version to process.
+    """The training jobs of this run, one per model type (times a sweep's combinations), each
+    naming the version to process.
 
     A run started by hand names its version in ``params`` (none named: the newest waiting
     version, or a :class:`DataError` saying none is waiting); one started by the sensor takes
     it from the asset event. A version processed or marked failed meanwhile gives no jobs: the
-    run skips the rest, so duplicate events cost nothing. Hyperparameters are checked here,
-    before any work.
+    run skips the rest, so duplicate events cost nothing. Every param is checked here, before
+    any work: an unknown key, a bad hyperparameter or threshold, a sweep too large.
     """
-    from tirelib.train import make_config
+    from tirelib.config import expand_jobs, parse_pipeline_params
 
     settings = task_settings()
+    defaults = {"epochs": settings.pipeline_epochs} if settings.pipeline_epochs else {}
+    run = parse_pipeline_params({**defaults, **params})
     version = params.get("dataset_version")
     source = "named in the run's params"
     if not version and triggering_asset_events:
@@ -193,20 +195,11 @@ def resolve_version(
     version = validate_name(str(version))
     log.info("processing dataset version %s (%s)", version, source)
     read_manifest(_store(settings), version)  # a clear error for an unknown version
-    model_types = list(params.get("model_types") or DEFAULT_MODEL_TYPES)
-    jobs = []
-    for model_type in model_types:
-        values = {
-            "dataset_version": version,
-            "model_type": model_type,
-            "epochs": params.get("epochs", settings.pipeline_epochs),
-            "learning_rate": params.get("learning_rate", 1e-3),
-            "batch_size": params.get("batch_size", 32),
-            "optimizer_type": params.get("optimizer_type", "adam"),
-            "seed": params.get("seed", 42),
-        }
-        jobs.append(make_config(**values).model_dump(mode="json"))  # checked before any work
-    log.info("version %s: %d training job(s): %s", version, len(jobs), model_types)
+    jobs = expand_jobs(run, version)
+    log.info(
+        "version %s: %d training job(s): %s%s", version, len(jobs), run.model_types,
+        f", sweep {jobs[0]['sweep']['id']} over {sorted(run.sweep)}" if run.sweep else "",
+    )  # fmt: skip
     if os.environ.get("AIRFLOW_CTX_DAG_RUN_ID"):  # the sensor skips a version a run has taken
         data.mark_processing(_store(settings), version, os.environ["AIRFLOW_CTX_DAG_RUN_ID"])
     return jobs
@@ -249,17 +242,22 @@ def split(version: str, ratios: Sequence[float] = DEFAULT_RATIOS) -> dict[str, d
 
 
 def train(job: Mapping[str, Any]) -> dict[str, Any]:
-    """Train one model, or return the finished run of the same job trained before."""
-    from tirelib.train import find_finished_run, make_config
+    """Train one model, or return the finished run of the same job trained before.
+
+    A sweep's member (``job["sweep"]``) is tagged with the sweep and returns its place in it.
+    """
+    from tirelib.config import split_job
+    from tirelib.train import find_finished_run
     from tirelib.train import train as run_training
 
     settings = task_settings()
-    config = make_config(**job)
-    earlier = find_finished_run(config, settings)
+    config, sweep = split_job(job)
+    extra = {"sweep": sweep.as_dict()} if sweep is not None else {}
+    earlier = find_finished_run(config, settings, sweep)
     if earlier is not None:
         log.info("job already trained in run %s; reusing it", earlier.run_id)
-        return earlier.summary()
-    return run_training(config, settings, progress=False).summary()
+        return {**earlier.summary(), **extra}
+    return {**run_training(config, settings, progress=False, sweep=sweep).summary(), **extra}
 
 
 def evaluate(version: str, trained: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

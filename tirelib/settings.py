@@ -87,14 +87,15 @@ class Settings(BaseSettings):
     stack_with_airflow: bool = Field(
         default=True, description="Whether `tirelib stack up` starts Airflow too."
     )
-    pipeline_epochs: int = Field(
-        default=10, ge=1, le=1000, description="Default epochs of a pipeline run."
+    # Unset, these take the defaults of tirelib.config (Hyperparameters, Thresholds).
+    pipeline_epochs: int | None = Field(
+        default=None, ge=1, le=1000, description="Default epochs of a pipeline run."
     )
-    min_accuracy: float = Field(
-        default=0.8, ge=0, le=1, description="Registration floor on test accuracy (DAG default)."
+    min_accuracy: float | None = Field(
+        default=None, ge=0, le=1, description="Registration floor on test accuracy (DAG default)."
     )
-    min_f1: float = Field(
-        default=0.75, ge=0, le=1, description="Registration floor on test F1 (DAG default)."
+    min_f1: float | None = Field(
+        default=None, ge=0, le=1, description="Registration floor on test F1 (DAG default)."
     )
     training_queue: str = Field(
         default="default", description="Executor queue of training tasks (CeleryExecutor)."

@@ -2,7 +2,8 @@
 
 The recipe follows torchvision's reference script: :func:`load_data`, :func:`train_one_epoch`,
 :func:`predict`, and :func:`train` that ties them together. Every hyperparameter is checked by
-:class:`TrainConfig` before anything is downloaded or any MLflow run is opened.
+:class:`TrainConfig` (declared, torch-free, in :mod:`tirelib.config`) before anything is
+downloaded or any MLflow run is opened.
 """
 
 from __future__ import annotations
@@ -18,111 +19,24 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from torch import nn
 from torch.utils.data import DataLoader
 
-from tirelib.data import (
-    SplitManifest,
-    TireImageDataset,
-    ensure_splits,
-    read_manifest,
-    validate_name,
-)
-from tirelib.errors import ConfigurationError, DataError
+from tirelib.config import OPTIMIZERS, SCHEDULERS, SweepMember, TrainConfig, make_config
+from tirelib.data import SplitManifest, TireImageDataset, ensure_splits, read_manifest
 from tirelib.evaluate import MODEL_URI_TAG, predict, sample_images, write_artifacts
 from tirelib.metrics import compute_metrics
-from tirelib.models import get_model, get_spec, resolve_name
+from tirelib.models import get_model, get_spec
 from tirelib.preprocessing import Preprocessing, train_transform
 from tirelib.progress import progress_bar
 from tirelib.settings import Settings
 from tirelib.storage import ContentCache, ObjectStore
 
 log = logging.getLogger(__name__)
-
-OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
-SCHEDULERS = ("none", "cosine", "step", "plateau")
-
-
-class TrainConfig(BaseModel):
-    """Every hyperparameter of a training run; logged as the run's params."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    dataset_version: str
-    model_type: str = "cnn"
-    epochs: int = Field(default=10, ge=1, le=1000)
-    learning_rate: float = Field(default=1e-3, gt=0, le=10)
-    batch_size: int = Field(default=32, ge=1, le=4096)
-    optimizer_type: Literal["adam", "adamw", "sgd", "rmsprop"] = "adam"
-    image_size: int | None = Field(default=None, ge=16, le=1024)
-    seed: int = Field(default=42, ge=0)
-    scheduler: Literal["none", "cosine", "step", "plateau"] = "cosine"
-    weight_decay: float = Field(default=0.0, ge=0, le=1)
-    momentum: float = Field(default=0.9, ge=0, lt=1)
-    pretrained: bool = False
-    augment: bool = True
-    patience: int = Field(default=3, ge=1, le=1000)
-    min_delta: float = Field(default=0.0, ge=0)
-    min_loss: float | None = Field(default=None, gt=0)
-    min_accuracy: float | None = Field(default=None, gt=0, le=1)
-    num_workers: int = Field(default=0, ge=0, le=64)
-
-    @field_validator("dataset_version")
-    @classmethod
-    def _version(cls, value: str) -> str:
-        try:
-            return validate_name(value)
-        except DataError as error:
-            raise ValueError(str(error)) from error
-
-    @field_validator("model_type")
-    @classmethod
-    def _model(cls, value: str) -> str:
-        try:
-            return resolve_name(value)
-        except ConfigurationError as error:
-            raise ValueError(str(error)) from error
-
-    @field_validator("optimizer_type", "scheduler", mode="before")
-    @classmethod
-    def _lower(cls, value: object) -> object:
-        return value.lower() if isinstance(value, str) else value
-
-    @model_validator(mode="after")
-    def _resolve_image_size(self) -> TrainConfig:
-        if self.image_size is None:
-            object.__setattr__(self, "image_size", get_spec(self.model_type).image_size)
-        return self
-
-    @property
-    def size(self) -> int:
-        assert self.image_size is not None
-        return self.image_size
-
-    def mlflow_params(self) -> dict[str, Any]:
-        return self.model_dump()
-
-
-def make_config(**values: Any) -> TrainConfig:
-    """A :class:`TrainConfig`, or a ConfigurationError naming each bad value and what is allowed."""
-    try:
-        return TrainConfig(**values)
-    except ValidationError as error:
-        lines = []
-        for item in error.errors():
-            name = ".".join(str(p) for p in item["loc"]) or "config"
-            lines.append(
-                f"{name}={item.get('input')!r}: {item['msg'].removeprefix('Value error, ')}"
-            )
-        raise ConfigurationError(
-            "invalid training configuration:\n  " + "\n  ".join(lines)
-        ) from error
-
 
 # --- early stopping ------------------------------------------------------------------------
 
@@ -416,10 +330,12 @@ def train(
     track: bool = True,
     progress: bool | None = None,
     run_name: str | None = None,
+    sweep: SweepMember | None = None,
 ) -> TrainResult:
     """Train ``config.model_type`` on ``config.dataset_version``, tracked as one MLflow run.
 
     The dataset version is checked before any run is opened, so a bad name leaves nothing behind.
+    A member of a sweep is tagged with the sweep's id and its place in it.
     """
     store = ObjectStore.for_data(settings)
     manifest = read_manifest(store, config.dataset_version)  # DataError for an unknown version
@@ -441,7 +357,8 @@ def train(
     tags = {
         "dataset_version": config.dataset_version,
         "model_type": config.model_type,
-        JOB_DIGEST_TAG: job_digest(config, manifest.content()),
+        JOB_DIGEST_TAG: job_digest(config, manifest.content(), sweep),
+        **(sweep.tags() if sweep is not None else {}),
         **tracking.lineage_tags(),
     }
     job = f"{config.model_type} on {config.dataset_version}"
@@ -532,14 +449,23 @@ def _manifest_digest(content: set[tuple[str, str]]) -> str:
 JOB_DIGEST_TAG = "tire.job_digest"
 
 
-def job_digest(config: TrainConfig, content: set[tuple[str, str]]) -> str:
-    """What makes two training jobs the same: every hyperparameter and the version's content."""
-    text = json.dumps(config.model_dump(mode="json"), sort_keys=True)
+def job_digest(
+    config: TrainConfig, content: set[tuple[str, str]], sweep: SweepMember | None = None
+) -> str:
+    """What makes two training jobs the same: every hyperparameter, the version's content and,
+    for a sweep's member, the sweep and its place in it (so each member finds its own run)."""
+    identity: dict[str, Any] = config.model_dump(mode="json")
+    if sweep is not None:
+        identity["sweep"] = sweep.tags()
+    text = json.dumps(identity, sort_keys=True)
     return hashlib.sha256(f"{text}\n{_manifest_digest(content)}".encode()).hexdigest()
 
 
-def find_finished_run(config: TrainConfig, settings: Settings) -> TrainResult | None:
-    """The finished run of this very job (same config, same data) with a logged model, if any.
+def find_finished_run(
+    config: TrainConfig, settings: Settings, sweep: SweepMember | None = None
+) -> TrainResult | None:
+    """The finished run of this very job (same config, same data, same place in the same
+    sweep) with a logged model, if any.
 
     This is what makes a retried training task, or a re-run of a version, train nothing twice.
     """
@@ -549,7 +475,7 @@ def find_finished_run(config: TrainConfig, settings: Settings) -> TrainResult | 
 
     manifest = read_manifest(ObjectStore.for_data(settings), config.dataset_version)
     experiment_id = tracking.configure(settings)
-    digest = job_digest(config, manifest.content())
+    digest = job_digest(config, manifest.content(), sweep)
     with tracking.outages_are_retryable(settings.mlflow_tracking_uri, "looking for a finished run"):
         runs = mlflow.search_runs(
             [experiment_id],
@@ -584,9 +510,12 @@ __all__ = [
     "OPTIMIZERS",
     "SCHEDULERS",
     "EarlyStopping",
+    "SweepMember",
     "TrainConfig",
     "TrainResult",
+    "find_finished_run",
     "fit",
+    "job_digest",
     "load_data",
     "make_config",
     "train",

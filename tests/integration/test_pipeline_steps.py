@@ -73,6 +73,17 @@ def test_the_first_task_says_which_version_it_processes(
         ({"dataset_version": "nope"}, DataError, "not found"),
         ({"dataset_version": "v1", "optimizer_type": "adagrad"}, ConfigurationError, "rmsprop"),
         ({"dataset_version": "v1", "model_types": ["vgg"]}, ConfigurationError, "choose one of"),
+        ({"dataset_version": "v1", "epoch": 3}, ConfigurationError, "epoch=3: unknown key"),
+        (
+            {"dataset_version": "v1", "thresholds": {"acuracy": 0.9}},
+            ConfigurationError,
+            "thresholds.acuracy=0.9: unknown key",
+        ),
+        (
+            {"dataset_version": "v1", "sweep": {"seed": list(range(40))}},
+            ConfigurationError,
+            "40 training jobs",
+        ),
     ],
 )
 def test_bad_params_stop_before_any_work(
@@ -96,3 +107,17 @@ def test_a_retried_step_makes_nothing_twice(tracked_env: Settings, lake: ObjectS
     assert len(client.search_runs([experiment.experiment_id])) == 1
     other = pipeline.train({**job, "seed": 7})  # another job trains anew
     assert other["run_id"] != first["run_id"]
+
+
+def test_a_sweep_trains_one_tagged_run_per_member(tracked_env: Settings, lake: ObjectStore) -> None:
+    params = {"dataset_version": "v1", "epochs": 1, "sweep": {"seed": [1, 2]}}
+    jobs = pipeline.resolve_version(params)
+    assert len(jobs) == 2
+    trained = [pipeline.train(job) for job in jobs]
+    assert trained[0]["run_id"] != trained[1]["run_id"]
+    assert pipeline.train(jobs[1])["run_id"] == trained[1]["run_id"]  # a retry reuses its run
+    client = MlflowClient(tracked_env.mlflow_tracking_uri)
+    tags = [client.get_run(t["run_id"]).data.tags for t in trained]
+    assert {t["tire.sweep_id"] for t in tags} == {jobs[0]["sweep"]["id"]}
+    assert [t["tire.sweep_index"] for t in tags] == ["0", "1"]
+    assert [t["sweep"]["index"] for t in trained] == [0, 1]

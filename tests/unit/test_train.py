@@ -38,7 +38,7 @@ def test_defaults_resolve_the_models_input_size() -> None:
         ({"dataset_version": "../etc"}, "invalid version name"),
         ({"scheduler": "linear"}, "'none', 'cosine', 'step' or 'plateau'"),
         ({"min_accuracy": 1.5}, "min_accuracy=1.5"),
-        ({"colour": "red"}, "colour='red': Extra inputs are not permitted"),
+        ({"colour": "red"}, "colour='red': unknown key; allowed: epochs, learning_rate"),
     ],
 )
 def test_bad_values_are_named_with_what_is_allowed(values: dict[str, object], message: str) -> None:

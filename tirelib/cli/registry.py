@@ -30,26 +30,31 @@ Metric = Annotated[
         help="loss, accuracy, precision, recall or f1 (the earlier Loss, F1 ... work too).",
     ),
 ]
-# Floors default to tirelib.registry.Thresholds (accuracy >= 0.80, f1 >= 0.75); 0 turns one off.
+
+
+def _threshold_help(name: str, suffix: str = " 0 turns it off.") -> str:
+    from tirelib.config import Thresholds, option_help
+
+    return option_help(Thresholds, name) + suffix
+
+
+# Help and defaults come from tirelib.config.Thresholds; 0 turns a floor or ceiling off.
 MinAccuracy = Annotated[
-    float | None, typer.Option(envvar="TIRE_MIN_ACCURACY", help="Floor on test accuracy [0.80].")
+    float | None, typer.Option(envvar="TIRE_MIN_ACCURACY", help=_threshold_help("accuracy"))
 ]
-MinF1 = Annotated[float | None, typer.Option(envvar="TIRE_MIN_F1", help="Floor on test F1 [0.75].")]
+MinF1 = Annotated[float | None, typer.Option(envvar="TIRE_MIN_F1", help=_threshold_help("f1"))]
 MinPrecision = Annotated[
-    float | None, typer.Option(envvar="TIRE_MIN_PRECISION", help="Floor on test precision.")
+    float | None, typer.Option(envvar="TIRE_MIN_PRECISION", help=_threshold_help("precision"))
 ]
 MinRecall = Annotated[
-    float | None, typer.Option(envvar="TIRE_MIN_RECALL", help="Floor on test recall.")
+    float | None, typer.Option(envvar="TIRE_MIN_RECALL", help=_threshold_help("recall"))
 ]
 MaxLoss = Annotated[
-    float | None, typer.Option(envvar="TIRE_MAX_LOSS", help="Ceiling on test loss.")
+    float | None, typer.Option(envvar="TIRE_MAX_LOSS", help=_threshold_help("loss"))
 ]
 Margin = Annotated[
     float | None,
-    typer.Option(
-        envvar="TIRE_PROMOTION_MARGIN",
-        help="Least improvement over production in the metric's units [0: at least as good].",
-    ),
+    typer.Option(envvar="TIRE_PROMOTION_MARGIN", help=_threshold_help("margin", "")),
 ]
 
 

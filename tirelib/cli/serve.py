@@ -9,34 +9,27 @@ import typer
 from tirelib.settings import get_settings
 
 
+def _help(field: str) -> str:
+    from tirelib.config import option_help
+    from tirelib.serve.config import ServeConfig
+
+    return option_help(ServeConfig, field)
+
+
+# Every option defaults to None ("not given"): TIRE_SERVE_<FIELD>, else the default of
+# tirelib.serve.config.ServeConfig, applies; help and defaults shown come from that model.
 def serve(
-    model_uri: Annotated[
-        str | None,
-        typer.Option(
-            help="models:/<name>@<alias> (followed) or models:/<name>/<version> (pinned); "
-            "default: models:/<TIRE_MODEL_NAME>@production."
-        ),
-    ] = None,
-    host: Annotated[str | None, typer.Option(help="Address to bind [127.0.0.1].")] = None,
-    port: Annotated[int | None, typer.Option(help="Port [8501, TF Serving's REST port].")] = None,
-    name: Annotated[str | None, typer.Option(help="Model name in the URLs [tire].")] = None,
-    poll_interval: Annotated[
-        float | None, typer.Option(help="Seconds between checks of the alias [5].")
-    ] = None,
-    max_batch_size: Annotated[
-        int | None, typer.Option(help="Most images in one forward pass [32].")
-    ] = None,
-    max_wait_ms: Annotated[
-        float | None, typer.Option(help="Longest wait for a batch to fill, ms [10].")
-    ] = None,
-    max_instances: Annotated[
-        int | None, typer.Option(help="Most images in one request [256].")
-    ] = None,
-    max_body_bytes: Annotated[
-        int | None, typer.Option(help="Largest request body, bytes [64 MiB].")
-    ] = None,
-    threads: Annotated[int | None, typer.Option(help="Torch intra-op threads [every CPU].")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda [auto].")] = None,
+    model_uri: Annotated[str | None, typer.Option(help=_help("model_uri"))] = None,
+    host: Annotated[str | None, typer.Option(help=_help("host"))] = None,
+    port: Annotated[int | None, typer.Option(help=_help("port"))] = None,
+    name: Annotated[str | None, typer.Option(help=_help("name"))] = None,
+    poll_interval: Annotated[float | None, typer.Option(help=_help("poll_interval_s"))] = None,
+    max_batch_size: Annotated[int | None, typer.Option(help=_help("max_batch_size"))] = None,
+    max_wait_ms: Annotated[float | None, typer.Option(help=_help("max_wait_ms"))] = None,
+    max_instances: Annotated[int | None, typer.Option(help=_help("max_instances"))] = None,
+    max_body_bytes: Annotated[int | None, typer.Option(help=_help("max_body_bytes"))] = None,
+    threads: Annotated[int | None, typer.Option(help=_help("num_threads"))] = None,
+    device: Annotated[str | None, typer.Option(help=_help("device"))] = None,
     access_log: Annotated[bool, typer.Option(help="Log every request.")] = False,
 ) -> None:
     """Serve the production model; swap in a new version when the alias moves.

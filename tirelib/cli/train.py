@@ -24,48 +24,54 @@ def models() -> None:
     typer.echo("aliases: " + ", ".join(f"{alias} -> {name}" for alias, name in ALIASES.items()))
 
 
+def _help(name: str) -> str:
+    from tirelib.config import TrainConfig, option_help
+
+    return option_help(TrainConfig, name)
+
+
+# Every option defaults to None ("not given"): the run file's value, else the model's default,
+# applies. Help, allowed values and defaults shown come from tirelib.config.TrainConfig.
 def train(
-    dataset_version: Annotated[str, typer.Option(help="Dataset version to train on.")],
-    model_type: Annotated[
-        str, typer.Option(help="Architecture; `tirelib models` lists them.")
-    ] = "cnn",
-    optimizer_type: Annotated[str, typer.Option(help="adam, adamw, sgd or rmsprop.")] = "adam",
-    epochs: Annotated[int, typer.Option(help="Maximum number of epochs (>= 1).")] = 10,
-    learning_rate: Annotated[float, typer.Option(help="Initial learning rate (> 0).")] = 1e-3,
-    batch_size: Annotated[int, typer.Option(help="Images per batch (>= 1).")] = 32,
-    image_size: Annotated[
-        int | None, typer.Option(help="Input side in pixels; default: the model's own.")
+    config_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="YAML or JSON file of the same fields (dataset_version: v1, epochs: 20, ...); "
+            "options given here override it.",
+        ),
     ] = None,
-    seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same run.")] = 42,
-    scheduler: Annotated[str, typer.Option(help="none, cosine, step or plateau.")] = "cosine",
-    weight_decay: Annotated[float, typer.Option(help="L2 weight decay.")] = 0.0,
-    pretrained: Annotated[
-        bool, typer.Option(help="Start from ImageNet weights (torchvision models).")
-    ] = False,
-    augment: Annotated[bool, typer.Option(help="Train-time augmentation.")] = True,
-    patience: Annotated[
-        int, typer.Option(help="Early stopping: epochs without improvement before stopping.")
-    ] = 3,
+    dataset_version: Annotated[str | None, typer.Option(help=_help("dataset_version"))] = None,
+    model_type: Annotated[str | None, typer.Option(help=_help("model_type"))] = None,
+    optimizer_type: Annotated[str | None, typer.Option(help=_help("optimizer_type"))] = None,
+    epochs: Annotated[int | None, typer.Option(help=_help("epochs"))] = None,
+    learning_rate: Annotated[float | None, typer.Option(help=_help("learning_rate"))] = None,
+    batch_size: Annotated[int | None, typer.Option(help=_help("batch_size"))] = None,
+    image_size: Annotated[int | None, typer.Option(help=_help("image_size"))] = None,
+    seed: Annotated[int | None, typer.Option(help=_help("seed"))] = None,
+    scheduler: Annotated[str | None, typer.Option(help=_help("scheduler"))] = None,
+    weight_decay: Annotated[float | None, typer.Option(help=_help("weight_decay"))] = None,
+    momentum: Annotated[float | None, typer.Option(help=_help("momentum"))] = None,
+    pretrained: Annotated[bool | None, typer.Option(help=_help("pretrained"))] = None,
+    augment: Annotated[bool | None, typer.Option(help=_help("augment"))] = None,
+    patience: Annotated[int | None, typer.Option(help=_help("patience"))] = None,
     min_delta: Annotated[
-        float, typer.Option("--min-delta", "--delta", help="Early stopping: improvement margin.")
-    ] = 0.0,
-    min_loss: Annotated[
-        float | None, typer.Option(help="Early stopping target: val_loss at most this.")
+        float | None, typer.Option("--min-delta", "--delta", help=_help("min_delta"))
     ] = None,
-    min_accuracy: Annotated[
-        float | None, typer.Option(help="Early stopping target: val_accuracy at least this.")
-    ] = None,
-    num_workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 0,
+    min_loss: Annotated[float | None, typer.Option(help=_help("min_loss"))] = None,
+    min_accuracy: Annotated[float | None, typer.Option(help=_help("min_accuracy"))] = None,
+    num_workers: Annotated[int | None, typer.Option(help=_help("num_workers"))] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Train one model on a dataset version, tracked as one MLflow run.
 
     Every value is checked before anything is downloaded or any run is opened.
     """
-    from tirelib.train import make_config
+    from tirelib.config import resolve_config
     from tirelib.train import train as run_training
 
-    config = make_config(
+    config = resolve_config(
+        config_file,
         dataset_version=dataset_version,
         model_type=model_type,
         optimizer_type=optimizer_type,
@@ -76,6 +82,7 @@ def train(
         seed=seed,
         scheduler=scheduler,
         weight_decay=weight_decay,
+        momentum=momentum,
         pretrained=pretrained,
         augment=augment,
         patience=patience,

@@ -29,8 +29,13 @@ import numpy as np
 import torch
 
 from tirelib.errors import ConfigurationError
+from tirelib.serve.config import ServeConfig
 
 log = logging.getLogger(__name__)
+
+# The server's own defaults (TIRE_SERVE_MAX_BATCH_SIZE, TIRE_SERVE_MAX_WAIT_MS), declared once.
+DEFAULT_MAX_BATCH_SIZE: int = ServeConfig.model_fields["max_batch_size"].default
+DEFAULT_MAX_WAIT_S: float = ServeConfig.model_fields["max_wait_ms"].default / 1000
 
 RunBatch = Callable[[Any, torch.Tensor], np.ndarray]
 """``run(model, batch)``: class probabilities, one row per image of ``batch``."""
@@ -58,8 +63,8 @@ class DynamicBatcher:
         self,
         run: RunBatch,
         *,
-        max_batch_size: int = 32,
-        max_wait_s: float = 0.005,
+        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+        max_wait_s: float = DEFAULT_MAX_WAIT_S,
         on_batch: Callable[[int, float], None] | None = None,
     ) -> None:
         if max_batch_size < 1:
