@@ -24,9 +24,25 @@ for path in sorted(__import__("pathlib").Path(sys.argv[1]).glob("*.py")):
     bag = DagBag(dag_folder=str(path))
     timings[path.name] = round(time.perf_counter() - start, 3)
 bag = DagBag(dag_folder=sys.argv[1])
+# The name a mapped training task shows, rendered as Airflow does once the task is unmapped.
+labels = {}
+pipeline = bag.dags.get("tire_training_pipeline")
+if pipeline is not None:
+    train = pipeline.get_task("train")
+    jobs = {
+        "plain": {"model_type": "cnn"},
+        "sweep": {"model_type": "tinyvgg", "sweep": {"id": "s1", "index": 2, "size": 8}},
+    }
+    for name, job in jobs.items():
+        task = train.unmap({"op_kwargs": {"job": job}})
+        template = train.map_index_template or ""
+        labels[name] = pipeline.get_template_env().from_string(template).render({"task": task})
 print(json.dumps({
     "errors": {k: str(v)[-500:] for k, v in bag.import_errors.items()},
     "dags": {d.dag_id: sorted(t.task_id for t in d.tasks) for d in bag.dags.values()},
+    "docs": {d.dag_id: d.doc_md or "" for d in bag.dags.values()},
+    "params": {d.dag_id: sorted(d.params) for d in bag.dags.values()},
+    "labels": labels,
     "timings": timings,
     "heavy": sorted(m for m in ("torch", "mlflow", "torchvision", "sklearn") if m in sys.modules),
 }))
@@ -77,3 +93,20 @@ def test_parsing_imports_no_heavy_library(dagbag: dict) -> None:
     assert dagbag["heavy"] == []
     # The parse time of each file, for the record (`pytest -rA` shows it); not asserted.
     print("DAG parse seconds:", dagbag["timings"])
+
+
+def test_mapped_training_tasks_are_named_by_their_job(dagbag: dict) -> None:
+    assert dagbag["labels"] == {"plain": "cnn", "sweep": "tinyvgg (sweep 3/8)"}
+
+
+def test_the_docs_say_what_each_param_does_and_what_to_do_when_a_version_fails(
+    dagbag: dict,
+) -> None:
+    doc = dagbag["docs"]["tire_training_pipeline"]
+    params = dagbag["params"]["tire_training_pipeline"]
+    assert {"dataset_version", "model_types", "metric", "thresholds", "sweep"} <= set(params)
+    for name in params:
+        assert f"- `{name}` (default " in doc, name
+    for dag_id in ("tire_training_pipeline", "tire_data_sensor"):
+        assert "tirelib data retry <version>" in dagbag["docs"][dag_id], dag_id
+    assert "state/failed/<version>.json" in doc
