@@ -11,6 +11,8 @@ no mlflow, no Airflow (the DAG file wraps :func:`dag_params`' schemas in ``Param
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import hashlib
 import itertools
 import json
@@ -30,7 +32,6 @@ from pydantic import (
 )
 
 from tirelib.errors import ConfigurationError, DataError
-from tirelib.metrics import METRIC_NAMES, canonical_metric
 from tirelib.models import ALIASES, get_spec, list_models, resolve_name
 
 log = logging.getLogger(__name__)
@@ -255,7 +256,10 @@ class Thresholds(BaseModel):
         out = {}
         for key, value in data.items():
             name = key.strip().lower() if isinstance(key, str) else key
-            if isinstance(name, str) and name != "margin":
+            if isinstance(name, str) and name not in cls.model_fields:
+                # tirelib.metrics imports numpy: only for a name that is not a field already.
+                from tirelib.metrics import canonical_metric
+
                 with contextlib.suppress(ConfigurationError):  # unknown keys: extra="forbid"
                     name = canonical_metric(name)
             out[name] = value
@@ -271,6 +275,8 @@ class Thresholds(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as error:
+            from tirelib.metrics import METRIC_NAMES
+
             lines = [
                 f"{'.'.join(map(str, item['loc'])) or 'thresholds'}={item.get('input')!r}: "
                 f"{item['msg']}"
@@ -284,10 +290,14 @@ class Thresholds(BaseModel):
     @classmethod
     def off(cls, margin: float = 0.0) -> Thresholds:
         """No floors at all: only the comparison with the champion counts."""
+        from tirelib.metrics import METRIC_NAMES
+
         return cls(**dict.fromkeys(METRIC_NAMES), margin=margin)
 
     def limits(self) -> dict[str, float]:
         """The checks that are on: canonical metric name -> floor (ceiling for loss)."""
+        from tirelib.metrics import METRIC_NAMES
+
         values = {name: getattr(self, name) for name in METRIC_NAMES}
         return {name: float(value) for name, value in values.items() if value is not None}
 
@@ -468,14 +478,20 @@ def split_job(job: Mapping[str, Any]) -> tuple[TrainConfig, SweepMember | None]:
 def field_schema(model: type[BaseModel], name: str) -> dict[str, Any]:
     """One field's JSON schema, flattened for a form: ``X | None`` becomes ``type: [X, null]``,
     nested models are inlined, titles are dropped (the form shows the key)."""
-    schema = model.model_json_schema()
-    field = dict(schema["properties"][name])
+    schema = _json_schema(model)
+    field = copy.deepcopy(schema["properties"][name])
     ref = field.pop("$ref", None)
     if ref is not None:
         nested = {**schema["$defs"][ref.rsplit("/", 1)[-1]]}
         nested.pop("description", None)
         field = {**nested, **field}
     return _flatten(field)
+
+
+@functools.cache
+def _json_schema(model: type[BaseModel]) -> dict[str, Any]:
+    # Built once per model: the DAG file derives about twenty params at every parse.
+    return model.model_json_schema()
 
 
 def _flatten(schema: Mapping[str, Any]) -> dict[str, Any]:
