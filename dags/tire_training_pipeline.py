@@ -125,10 +125,10 @@ with DAG(
         return pipeline.stage(registered, params["metric"])
 
     @task(**io_retries())
-    def promote(staged: dict, params=None):
+    def promote(staged: dict, evaluation: dict, params=None):
         from tirelib import pipeline
 
-        return pipeline.promote(staged, params["metric"], params["thresholds"])
+        return pipeline.promote(staged, evaluation, params["metric"], params["thresholds"])
 
     @task(**io_retries())
     def mark_processed(jobs: list[dict], promotion: dict):
@@ -148,6 +148,5 @@ with DAG(
     trained = train.expand(job=jobs)
     validate_data(jobs) >> split(jobs) >> trained
     evaluation = evaluate(jobs, trained)
-    promotion = promote(stage(register(trained)))
-    evaluation >> promotion
+    promotion = promote(stage(register(trained)), evaluation)  # the gate judges evaluate's result
     mark_processed(jobs, promotion) >> report(jobs, evaluation, promotion)

@@ -27,6 +27,7 @@ from tirelib.data import (
 from tirelib.errors import (
     ConfigurationError,
     DataError,
+    RegistryError,
     ServiceUnavailableError,
     TirelibError,
     is_retryable,
@@ -261,15 +262,20 @@ def train(job: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def evaluate(version: str, trained: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Challengers' scores (their runs') and the champion's on the same test split."""
+    """Challengers and the champion on the version's test split: the evidence the gate judges.
+
+    A challenger's metrics are its run's: training tested it on this same split. The champion
+    (the production version at this moment, by number) is scored here, once; ``promote`` judges
+    these numbers and applies them only while production is still that version.
+    """
     from tirelib.evaluate import evaluate_model
-    from tirelib.registry import PRODUCTION, info
+    from tirelib.registry import info
 
     settings = task_settings()
     production = info(settings).production
     champion = None
     if production is not None:
-        uri = f"models:/{settings.model_name}@{PRODUCTION}"
+        uri = f"models:/{settings.model_name}/{production.version}"
         scored = evaluate_model(uri, version, settings, progress=False)
         champion = {"version": production.version, "metrics": scored.flat()}
     challengers = [
@@ -293,47 +299,62 @@ def register(trained: Sequence[Mapping[str, Any]], thresholds: Mapping[str, Any]
 
 
 def stage(registered: Sequence[Mapping[str, Any]], metric: str) -> dict[str, Any]:
-    """Point ``staging`` at the best of this run's registered versions ({} when none passed)."""
-    from tirelib.registry import stage as stage_best
+    """Point ``staging`` at the best of this run's registered versions ({} when none passed).
 
-    versions = [r["version"] for r in registered if r["registered"]]
-    if not versions:
+    The registry's :func:`~tirelib.registry.best_version` chooses (ties: the newest version).
+    """
+    from tirelib.registry import best_version
+    from tirelib.registry import stage as stage_version
+
+    candidates = {str(r["version"]): r["metrics"] for r in registered if r["registered"]}
+    if not candidates:
         log.info("no version of this run passed the thresholds: nothing to stage")
         return {}
-    settings = task_settings()
-    best = _best(registered, metric)
-    return stage_best(settings, metric=metric, version=best).summary()
-
-
-def _best(registered: Sequence[Mapping[str, Any]], metric: str) -> str:
-    from tirelib.metrics import canonical_metric, higher_is_better
-
-    name = canonical_metric(metric)
-    candidates = [r for r in registered if r["registered"]]
-    sign = 1 if higher_is_better(name) else -1
-    best = max(candidates, key=lambda r: sign * r["metrics"].get(f"test_{name}", float("-inf")))
-    return str(best["version"])
+    best = best_version(candidates, metric)
+    if best is None:
+        log.warning("no registered version of this run has a test %s: nothing to stage", metric)
+        return {}
+    return stage_version(task_settings(), metric=metric, version=best).summary()
 
 
 def promote(
-    staged: Mapping[str, Any], metric: str, thresholds: Mapping[str, Any]
+    staged: Mapping[str, Any],
+    evaluation: Mapping[str, Any],
+    metric: str,
+    thresholds: Mapping[str, Any],
 ) -> dict[str, Any]:
-    """Move ``production`` to the staged version if it beats the champion on the same split.
+    """Move ``production`` to the staged version if, in ``evaluation``, it beats the champion.
 
+    Nothing is scored here: the gate judges the ``evaluate`` task's numbers (the staged
+    version's run and the champion on the same test split), and the promotion is applied only
+    if production is still the champion that was scored (else PromotionConflictError).
     Returns {} when nothing was staged (XCom carries no None).
     """
-    from tirelib.registry import Thresholds, produce
+    from tirelib.registry import Thresholds, judge, produce
 
     if not staged:
         return {}
     settings = task_settings()
-    result = produce(
-        settings,
+    run_id = staged.get("run_id")
+    challenger = next((c for c in evaluation.get("challengers", []) if c["run_id"] == run_id), None)
+    if challenger is None:
+        raise RegistryError(
+            f"staged version {staged['version']} (run {run_id}) is not among the challengers "
+            f"this run evaluated on {evaluation.get('version')!r}; stage a version of this run"
+        )
+    champion = evaluation.get("champion") or None
+    comparison = judge(
+        model_name=settings.model_name,
+        dataset_version=str(evaluation["version"]),
+        candidate_version=str(staged["version"]),
+        candidate_metrics=challenger["metrics"],
+        champion_version=str(champion["version"]) if champion else None,
+        champion_metrics=champion["metrics"] if champion else None,
         metric=metric,
-        version=staged["version"],
         thresholds=Thresholds.parse(thresholds),
-        by=os.environ.get("AIRFLOW_CTX_DAG_RUN_ID"),
-        progress=False,
+    )
+    result = produce(
+        settings, comparison=comparison, by=os.environ.get("AIRFLOW_CTX_DAG_RUN_ID")
     ).summary()
     if result["metric_drop"]:
         notify.send(f":warning: metric drop: {result['message']}", settings)

@@ -10,7 +10,7 @@ from mlflow import MlflowClient
 
 from tirelib import pipeline
 from tirelib.data import upload_version
-from tirelib.errors import ConfigurationError, DataError
+from tirelib.errors import ConfigurationError, DataError, PromotionConflictError
 from tirelib.settings import Settings
 from tirelib.storage import ObjectStore
 from tirelib.synth import generate
@@ -121,3 +121,46 @@ def test_a_sweep_trains_one_tagged_run_per_member(tracked_env: Settings, lake: O
     assert {t["tire.sweep_id"] for t in tags} == {jobs[0]["sweep"]["id"]}
     assert [t["tire.sweep_index"] for t in tags] == ["0", "1"]
     assert [t["sweep"]["index"] for t in trained] == [0, 1]
+
+
+def test_promote_judges_the_evaluate_result_and_refuses_stale_evidence(
+    tracked_env: Settings, lake: ObjectStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tirelib import registry
+    from tirelib.registry import lifecycle
+
+    off = {"accuracy": None, "f1": None}
+    (job,) = pipeline.resolve_version({"dataset_version": "v1", "epochs": 1})
+    trained = [pipeline.train(job), pipeline.train({**job, "seed": 7})]
+    evaluation = pipeline.evaluate("v1", trained)
+    assert evaluation["champion"] is None  # nothing serves yet
+    assert [c["run_id"] for c in evaluation["challengers"]] == [t["run_id"] for t in trained]
+    registered = pipeline.register(trained, off)
+    staged = pipeline.stage(registered, "f1")
+    assert staged["run_id"] in {t["run_id"] for t in trained}
+    other = next(r["version"] for r in registered if r["version"] != staged["version"])
+
+    def no_scoring(*args: object, **kwargs: object) -> None:
+        raise AssertionError("promote scored a model: it must judge the evaluate result")
+
+    monkeypatch.setattr(lifecycle, "evaluate_model", no_scoring)
+    # Production moves after evaluate scored (here: no champion); the evidence is stale.
+    registry.produce(tracked_env, version=other, force=True)
+    with pytest.raises(PromotionConflictError, match="against no production version"):
+        pipeline.promote(staged, evaluation, "f1", off)
+    serving = registry.info(tracked_env).production
+    assert serving is not None and serving.version == other
+
+    # Evaluated again (the champion scored once, in evaluate), the promotion is decided on it.
+    evaluation = pipeline.evaluate("v1", trained)
+    assert evaluation["champion"]["version"] == other
+    result = pipeline.promote(staged, evaluation, "f1", off)
+    comparison = result["comparison"]
+    assert comparison["champion_version"] == other
+    assert comparison["champion_metrics"] == evaluation["champion"]["metrics"]
+    challenger = next(c for c in evaluation["challengers"] if c["run_id"] == staged["run_id"])
+    assert comparison["candidate_metrics"] == challenger["metrics"]
+    assert result["promoted"] is comparison["passed"]
+    serving = registry.info(tracked_env).production
+    assert serving is not None
+    assert serving.version == (staged["version"] if result["promoted"] else other)

@@ -30,11 +30,12 @@ from tests.conftest import _FOREIGN_ENV, S3Server, lake_env
 from tirelib import registry, tracking
 from tirelib.cli import app
 from tirelib.data import ensure_splits, upload_version
-from tirelib.errors import RegistryError, RegistryUnavailableError
+from tirelib.errors import PromotionConflictError, RegistryError, RegistryUnavailableError
 from tirelib.evaluate import MODEL_URI_TAG, evaluate_model
 from tirelib.models import get_model, get_spec
 from tirelib.preprocessing import Preprocessing
-from tirelib.registry import PRODUCTION, STAGING, Thresholds
+from tirelib.registry import PRODUCTION, STAGING, Thresholds, lifecycle
+from tirelib.registry.client import RegistryClient
 from tirelib.settings import Settings, get_settings, load_settings, reset_settings
 from tirelib.stack import Component, create_buckets, free_port, mlflow_component
 from tirelib.storage import ObjectStore
@@ -417,6 +418,87 @@ def test_a_promotion_waits_for_the_lock(world: World, reg: Settings) -> None:
     assert aliases(reg)[PRODUCTION] == version
 
 
+def test_a_promotion_on_stale_evidence_is_refused(world: World, reg: Settings) -> None:
+    # The ranked models all predict "defective": scored for real they tie, so each passes.
+    champion = register(reg, world.ranked["a"])
+    challenger = register(reg, world.ranked["c"])
+    other = register(reg, world.ranked["b"])
+    registry.produce(reg, version=champion, force=True)
+    comparison = registry.compare(reg, challenger, metric="f1", thresholds=OFF)
+    assert comparison.passed and comparison.champion_version == champion
+
+    registry.produce(reg, version=other, force=True)  # production moves after the comparison
+    with pytest.raises(PromotionConflictError) as error:
+        registry.produce(reg, comparison=comparison)
+    message = str(error.value)
+    assert f"refusing to promote version {challenger}" in message
+    assert f"production is now version {other} (force by " in message
+    assert f"the comparison was made against production version {champion}" in message
+    assert f"tirelib registry compare --candidate {challenger}" in message
+    assert aliases(reg)[PRODUCTION] == other
+    assert [e.version for e in registry.history(reg)] == [other, champion]
+    assert "promoted_at" not in tags(reg, challenger)
+
+    # A comparison made before any production model is stale once there is one.
+    first = registry.judge(
+        model_name=reg.model_name,
+        dataset_version=VERSION,
+        candidate_version=challenger,
+        candidate_metrics={"test_f1": 0.99},
+        champion_version=None,
+        champion_metrics=None,
+        thresholds=OFF,
+    )
+    with pytest.raises(PromotionConflictError, match="against no production version"):
+        registry.produce(reg, comparison=first)
+
+    # Compared again, against what serves now, the promotion goes ahead.
+    fresh = registry.compare(reg, challenger, metric="f1", thresholds=OFF)
+    assert fresh.champion_version == other
+    promoted = registry.produce(reg, comparison=fresh)
+    assert promoted.promoted and promoted.previous == other
+    assert aliases(reg)[PRODUCTION] == challenger
+
+
+def test_the_lock_is_free_while_models_are_scored_and_loaded(
+    world: World, reg: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    champion = register(reg, world.ranked["a"])
+    challenger = register(reg, world.ranked["c"])
+    registry.produce(reg, version=champion, force=True)
+    free: list[tuple[str, bool]] = []
+
+    def lock_is_free(during: str) -> None:
+        """Another thread (its own connection) tries the lock while the work goes on."""
+
+        def take() -> None:
+            try:
+                with registry.model_lock(reg, timeout=3):
+                    free.append((during, True))
+            except RegistryError:
+                free.append((during, False))
+
+        thread = threading.Thread(target=take)
+        thread.start()
+        thread.join(60)
+
+    scoring, loading = lifecycle.evaluate_model, RegistryClient.check_loadable
+
+    def score(*args: object, **kwargs: object) -> object:
+        lock_is_free("scoring")
+        return scoring(*args, **kwargs)
+
+    def load(self: RegistryClient, version: str) -> None:
+        lock_is_free("loading")
+        loading(self, version)
+
+    monkeypatch.setattr(lifecycle, "evaluate_model", score)
+    monkeypatch.setattr(RegistryClient, "check_loadable", load)
+    promoted = registry.produce(reg, version=challenger, metric="f1", thresholds=OFF)
+    assert promoted.promoted, promoted.reason
+    assert free == [("scoring", True), ("scoring", True), ("loading", True)]
+
+
 def test_a_model_that_cannot_be_loaded_is_never_promoted(world: World, reg: Settings) -> None:
     # Weights of a cnn under a config that says tinyvgg: the files are there, loading fails.
     network = constant_network(world.classes, "defective", 1.0)
@@ -505,18 +587,26 @@ def test_a_server_stopped_mid_promotion_leaves_a_consistent_registry(
         second = register(settings, log_run(settings, network, world.classes, {"test_f1": 0.8}))
         registry.produce(settings, version=first, force=True)
 
-        original = registry._Registry.move_alias
+        original = RegistryClient.move_alias
 
-        def stop_first(self: registry._Registry, alias: str, version: str) -> None:
+        def stop_first(self: RegistryClient, alias: str, version: str) -> None:
             if alias == PRODUCTION:
                 component.down()
             original(self, alias, version)
 
-        monkeypatch.setattr(registry._Registry, "move_alias", stop_first)
+        monkeypatch.setattr(RegistryClient, "move_alias", stop_first)
         with pytest.raises(RegistryUnavailableError) as error:
             registry.produce(settings, version=second, force=True)
         assert f"cannot reach the MLflow tracking server at {url}" in str(error.value)
-        monkeypatch.setattr(registry._Registry, "move_alias", original)
+        monkeypatch.setattr(RegistryClient, "move_alias", original)
+        # Every entry into MLflow says the same of a stopped server: retryable, named.
+        for call in (
+            lambda: registry.compare(settings, second, thresholds=OFF),
+            lambda: registry.register_run(settings, "0123456789abcdef", thresholds=OFF),
+            lambda: registry.stage(settings, metric="f1"),
+        ):
+            with pytest.raises(RegistryUnavailableError, match=f"MLflow tracking server at {url}"):
+                call()
 
         down = _cli("registry", "info")
         assert down.returncode == 2

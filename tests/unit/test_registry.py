@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import math
 import threading
 import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -11,8 +15,24 @@ from typer.testing import CliRunner
 
 from tirelib import registry
 from tirelib.cli import app, translate_legacy
-from tirelib.errors import ConfigurationError, RegistryError, RegistryUnavailableError
-from tirelib.registry import Thresholds, applied_flags, decide, libpq_url, model_lock
+from tirelib.errors import (
+    ConfigurationError,
+    DatabaseUnavailableError,
+    RegistryError,
+    RegistryUnavailableError,
+    is_retryable,
+)
+from tirelib.registry import (
+    Thresholds,
+    applied_flags,
+    best_version,
+    decide,
+    judge,
+    libpq_url,
+    model_lock,
+)
+from tirelib.registry.gate import check
+from tirelib.registry.locks import lock_key
 from tirelib.settings import load_settings
 from tirelib.stack import free_port
 
@@ -72,12 +92,12 @@ def test_bad_thresholds_are_named_with_what_is_allowed(
 
 def test_floors_pass_and_fail_on_given_numbers() -> None:
     thresholds = Thresholds.parse({"accuracy": 0.85, "f1": 0.9, "loss": 0.4})
-    assert thresholds.check(GOOD) == []
-    reasons = thresholds.check({**GOOD, "test_accuracy": 0.84, "test_loss": 0.41})
+    assert check(thresholds, GOOD) == []
+    reasons = check(thresholds, {**GOOD, "test_accuracy": 0.84, "test_loss": 0.41})
     assert len(reasons) == 2
     assert "test_loss value threshold check failed" in reasons[0]
     assert "test_accuracy value threshold check failed" in reasons[1]
-    assert "was missing" in thresholds.check({"test_accuracy": 0.9, "test_loss": 0.1})[0]
+    assert "was missing" in check(thresholds, {"test_accuracy": 0.9, "test_loss": 0.1})[0]
 
 
 def test_the_first_model_needs_only_the_floors() -> None:
@@ -146,6 +166,87 @@ def test_an_unknown_metric_names_the_allowed_ones() -> None:
         decide(GOOD, None, metric="auc", thresholds=Thresholds())
 
 
+# --- the best version ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("metric", "candidates", "best"),
+    [
+        ("f1", {"1": {"test_f1": 0.8}, "2": {"test_f1": 0.9}, "3": {"test_f1": 0.7}}, "2"),
+        # Lower is better for loss.
+        ("loss", {"1": {"test_loss": 0.2}, "2": {"test_loss": 0.3}}, "1"),
+        # Ties go to the newest version, by number (not by text: "10" is newer than "9").
+        ("f1", {"9": {"test_f1": 0.9}, "10": {"test_f1": 0.9}, "3": {"test_f1": 0.9}}, "10"),
+        ("Loss", {"4": {"test_loss": 0.2}, "2": {"test_loss": 0.2}}, "4"),
+        # A missing, non-numeric or non-finite metric is never best, even for loss.
+        ("f1", {"1": {"test_f1": 0.1}, "2": {}, "3": {"test_accuracy": 1.0}}, "1"),
+        ("loss", {"1": {"test_loss": 0.9}, "2": {"test_loss": None}}, "1"),
+        ("loss", {"1": {"test_loss": 0.9}, "2": {"test_loss": math.nan}}, "1"),
+        ("f1", {"1": {"test_f1": 0.5}, "2": {"test_f1": math.inf}}, "1"),
+        ("f1", {"1": {"test_f1": 0.5}, "2": {"test_f1": "n/a"}}, "1"),
+        # Version tags hold text.
+        ("accuracy", {"1": {"test_accuracy": "0.91"}, "2": {"test_accuracy": "0.9"}}, "1"),
+        # Nothing to choose from.
+        ("f1", {"1": {"test_accuracy": 0.9}}, None),
+        ("f1", {}, None),
+    ],
+)
+def test_one_function_chooses_the_best_version(
+    metric: str, candidates: dict[str, dict[str, object]], best: str | None
+) -> None:
+    assert best_version(candidates, metric) == best
+
+
+def test_the_pipeline_has_no_choice_of_its_own() -> None:
+    from tirelib import pipeline
+
+    assert not hasattr(pipeline, "_best")
+
+
+def test_judge_turns_measured_metrics_into_a_comparison() -> None:
+    comparison = judge(
+        model_name="m",
+        dataset_version="v1",
+        candidate_version="3",
+        candidate_metrics={**GOOD, "test_f1": 0.92},
+        champion_version="2",
+        champion_metrics={**GOOD, "test_f1": 0.90},
+        metric="F1",
+        thresholds=Thresholds.off(margin=0.01),
+    )
+    assert comparison.passed and comparison.champion_version == "2"
+    assert comparison.metric == "f1"
+    assert comparison.difference == pytest.approx(0.02)
+    worse = judge(
+        model_name="m",
+        dataset_version="v1",
+        candidate_version="3",
+        candidate_metrics={**GOOD, "test_f1": 0.905},
+        champion_version="2",
+        champion_metrics={**GOOD, "test_f1": 0.90},
+        thresholds=Thresholds.off(margin=0.01),
+    )
+    assert not worse.passed and worse.metric_drop
+    first = judge(
+        model_name="m",
+        dataset_version="v1",
+        candidate_version="1",
+        candidate_metrics=GOOD,
+        champion_version=None,
+        champion_metrics=None,
+    )
+    assert first.passed and first.champion_version is None and first.beats_champion is None
+    with pytest.raises(ConfigurationError, match="both the champion's version and its metrics"):
+        judge(
+            model_name="m",
+            dataset_version="v1",
+            candidate_version="1",
+            candidate_metrics=GOOD,
+            champion_version="2",
+            champion_metrics=None,
+        )
+
+
 # --- history -------------------------------------------------------------------------------
 
 
@@ -171,9 +272,9 @@ def test_sqlalchemy_urls_become_libpq_urls() -> None:
 
 
 def test_lock_keys_are_stable_signed_64_bit_numbers() -> None:
-    key = registry._lock_key("tire-defect-classifier")
-    assert key == registry._lock_key("tire-defect-classifier")
-    assert key != registry._lock_key("another-model")
+    key = lock_key("tire-defect-classifier")
+    assert key == lock_key("tire-defect-classifier")
+    assert key != lock_key("another-model")
     assert -(2**63) <= key < 2**63
 
 
@@ -241,6 +342,91 @@ def test_configure_sets_retry_defaults_without_overriding(
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "4"
     assert os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] == "1"
     assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "7"
+
+
+class _Answer(BaseHTTPRequestHandler):
+    """A tracking server that answers every request with one fixed status and body."""
+
+    status = 503
+    body = b"unavailable"
+    content_type = "text/plain"
+
+    def _answer(self) -> None:
+        self.send_response(self.status)
+        self.send_header("Content-Type", self.content_type)
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    do_GET = do_POST = do_PATCH = do_DELETE = _answer
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def answering(request: pytest.FixtureRequest) -> Iterator[int]:
+    """A loopback server answering with ``(status, body)`` from the test's parameter; its port."""
+    status, body = request.param
+    handler = type(
+        "Handler",
+        (_Answer,),
+        {
+            "status": status,
+            "body": body if isinstance(body, bytes) else json.dumps(body).encode(),
+            "content_type": "text/plain" if isinstance(body, bytes) else "application/json",
+        },
+    )
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+@pytest.mark.parametrize(
+    ("answering", "unavailable"),
+    [
+        ((503, b"<html>Service Unavailable</html>"), True),
+        ((502, b"bad gateway"), True),
+        ((429, b"slow down"), True),
+        ((500, {"error_code": "INTERNAL_ERROR", "message": "database restarted"}), True),
+        ((403, b"<html>Forbidden</html>"), False),
+        ((401, b"who are you"), False),
+        ((400, {"error_code": "INVALID_PARAMETER_VALUE", "message": "bad name"}), False),
+    ],
+    indirect=["answering"],
+    ids=["503", "502", "429", "500-json", "403", "401", "400-json"],
+)
+def test_mlflow_errors_are_classified_where_they_enter(
+    answering: int, unavailable: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    url = f"http://tire:s3cret-pw@127.0.0.1:{answering}"
+    settings = load_settings(home=tmp_path, mlflow_tracking_uri=url)
+    with pytest.raises(RegistryError) as raised:
+        registry.info(settings)
+    error = raised.value
+    assert isinstance(error, RegistryUnavailableError) is unavailable
+    assert is_retryable(error) is unavailable
+    assert "s3cret-pw" not in str(error)
+    assert f"tire:***@127.0.0.1:{answering}" in str(error)
+    if not unavailable:
+        assert "refused reading the registry" in str(error)
+
+
+def test_a_database_that_is_down_is_retryable_and_its_password_hidden(tmp_path: Path) -> None:
+    url = f"postgresql+psycopg2://tire:s3cret-pw@127.0.0.1:{free_port()}/mlflow"
+    settings = load_settings(home=tmp_path, database_url=url)
+    with pytest.raises(DatabaseUnavailableError) as raised, model_lock(settings):
+        pass
+    assert is_retryable(raised.value)
+    assert "s3cret-pw" not in str(raised.value)
+    assert "PostgreSQL at postgresql+psycopg2://tire:***@127.0.0.1" in str(raised.value)
 
 
 # --- the command line ----------------------------------------------------------------------
