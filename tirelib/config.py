@@ -17,6 +17,7 @@ import hashlib
 import itertools
 import json
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,11 +32,12 @@ from pydantic import (
     model_validator,
 )
 
-from tirelib.errors import ConfigurationError, DataError
+from tirelib.errors import ConfigurationError
 from tirelib.models import ALIASES, get_spec, list_models, resolve_name
 
 log = logging.getLogger(__name__)
 
+# A dataset version (and label) name: the data lake's folders, checked by tirelib.data too.
 VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 DEFAULT_MODEL_TYPE = "cnn"
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
@@ -121,13 +123,12 @@ class TrainConfig(Hyperparameters):
     @field_validator("dataset_version")
     @classmethod
     def _version(cls, value: str) -> str:
-        # tirelib.data reads images (PIL, boto3): imported here, not at DAG-parse time.
-        from tirelib.data import validate_name
-
-        try:
-            return validate_name(value)
-        except DataError as error:
-            raise ValueError(str(error)) from error
+        if not re.match(VERSION_PATTERN, value):
+            raise ValueError(
+                f"invalid version name {value!r}: use letters, digits, '.', '_' and '-', "
+                "starting with a letter or digit"
+            )
+        return value
 
     @field_validator("model_type")
     @classmethod

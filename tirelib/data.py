@@ -26,6 +26,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from tirelib.config import VERSION_PATTERN
 from tirelib.errors import DataError, VersionExistsError
 from tirelib.progress import progress_bar
 from tirelib.settings import get_settings
@@ -47,7 +48,7 @@ from tirelib.storage import (
 
 log = logging.getLogger(__name__)
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+NAME_RE = re.compile(VERSION_PATTERN)
 SPLITS = ("train", "val", "test")
 DEFAULT_RATIOS = (0.7, 0.15, 0.15)
 MANIFEST_FORMAT = 1
