@@ -21,7 +21,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -40,10 +40,13 @@ log = logging.getLogger(__name__)
 # A dataset version (and label) name: the data lake's folders, checked by tirelib.data too.
 VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 DEFAULT_MODEL_TYPE = "cnn"
-OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
-SCHEDULERS = ("none", "cosine", "step", "plateau")
+Optimizer = Literal["adam", "adamw", "sgd", "rmsprop"]
+Scheduler = Literal["none", "cosine", "step", "plateau"]
 # The metrics that choose and gate a model (the earlier system's Stage/Produce argument).
-GATE_METRICS = ("loss", "accuracy", "precision", "recall", "f1")
+GateMetric = Literal["loss", "accuracy", "precision", "recall", "f1"]
+OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
+SCHEDULERS: tuple[str, ...] = get_args(Scheduler)
+GATE_METRICS: tuple[str, ...] = get_args(GateMetric)
 # A sweep larger than this is refused: each job is a training run on a worker slot.
 MAX_SWEEP_JOBS = 32
 
@@ -68,18 +71,14 @@ class Hyperparameters(BaseModel):
     )
     learning_rate: float = Field(default=1e-3, gt=0, le=10, description="Initial learning rate.")
     batch_size: int = Field(default=32, ge=1, le=4096, description="Images per batch.")
-    optimizer_type: Literal["adam", "adamw", "sgd", "rmsprop"] = Field(
-        default="adam", description="Optimizer."
-    )
+    optimizer_type: Optimizer = Field(default="adam", description="Optimizer.")
     image_size: int | None = Field(
         default=None, ge=16, le=1024, description="Input side in pixels; empty: the model's own."
     )
     seed: int = Field(
         default=42, ge=0, description="Random seed; the same seed gives the same run on a CPU."
     )
-    scheduler: Literal["none", "cosine", "step", "plateau"] = Field(
-        default="cosine", description="Learning-rate schedule."
-    )
+    scheduler: Scheduler = Field(default="cosine", description="Learning-rate schedule.")
     weight_decay: float = Field(default=0.0, ge=0, le=1, description="L2 weight decay.")
     momentum: float = Field(default=0.9, ge=0, lt=1, description="Momentum of sgd and rmsprop.")
     pretrained: bool = Field(
@@ -333,7 +332,7 @@ class PipelineParams(Hyperparameters):
         min_length=1,
         description="Architectures to train, one mapped training task each.",
     )
-    metric: Literal["loss", "accuracy", "precision", "recall", "f1"] = Field(
+    metric: GateMetric = Field(
         default="f1", description="The metric that chooses the best model and gates promotion."
     )
     thresholds: Thresholds = Field(
