@@ -11,10 +11,11 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from tirelib.config import GATE_METRICS, PipelineParams, Thresholds, option_help
 from tirelib.settings import get_settings
 
 if TYPE_CHECKING:
-    from tirelib.registry import Thresholds, VersionInfo
+    from tirelib.registry import VersionInfo
 
 app = typer.Typer(
     help="The model registry: gated registration, staging, promotion, rollback.",
@@ -27,14 +28,13 @@ Metric = Annotated[
     typer.Option(
         "--metric",
         "-m",
-        help="loss, accuracy, precision, recall or f1 (the earlier Loss, F1 ... work too).",
+        help=f"{', '.join(GATE_METRICS)} (the earlier Loss, F1 ... work too).",
     ),
 ]
+DEFAULT_METRIC: str = PipelineParams.model_fields["metric"].default
 
 
 def _threshold_help(name: str, suffix: str = " 0 turns it off.") -> str:
-    from tirelib.config import Thresholds, option_help
-
     return option_help(Thresholds, name) + suffix
 
 
@@ -67,8 +67,6 @@ def _thresholds(
     margin: float | None = None,
 ) -> Thresholds:
     """The defaults, overridden by the options given; 0 switches a floor or ceiling off."""
-    from tirelib.registry import Thresholds
-
     given = {
         "accuracy": min_accuracy,
         "f1": min_f1,
@@ -108,7 +106,7 @@ def register(
 
 def compare(
     candidate: Annotated[str, typer.Option(help="Registered version to judge.")],
-    metric: Metric = "f1",
+    metric: Metric = DEFAULT_METRIC,
     margin: Margin = None,
     min_accuracy: MinAccuracy = None,
     min_f1: MinF1 = None,
@@ -160,7 +158,7 @@ def _num(value: float | None, *, signed: bool = False) -> str:
 
 
 def stage(
-    metric: Metric = "f1",
+    metric: Metric = DEFAULT_METRIC,
     version: Annotated[str | None, typer.Option(help="Stage this version instead.")] = None,
     dataset_version: Annotated[
         str | None, typer.Option(help="Only versions trained on this dataset version.")
@@ -180,7 +178,7 @@ def stage(
 
 
 def produce(
-    metric: Metric = "f1",
+    metric: Metric = DEFAULT_METRIC,
     force: Annotated[
         bool, typer.Option("--force", help="Skip the gate (the model must still load).")
     ] = False,
