@@ -156,11 +156,13 @@ HYPERPARAMETERS: tuple[str, ...] = tuple(Hyperparameters.model_fields)
 """The fields a sweep may vary (every field of :class:`TrainConfig` but what it trains on)."""
 
 
-def _validation_lines(error: ValidationError, allowed: Sequence[str] = ()) -> list[str]:
+def _validation_lines(error: ValidationError, model: type[BaseModel]) -> list[str]:
+    """One line per error of ``model``'s validation: the key, the value, what is allowed."""
     lines = []
     for item in error.errors():
         name = ".".join(str(p) for p in item["loc"]) or "config"
         message = item["msg"].removeprefix("Value error, ")
+        allowed = _allowed_keys(model, item["loc"][:-1])
         if item["type"] == "missing":
             lines.append(f"{name}: required")
         elif item["type"] == "extra_forbidden" and allowed:
@@ -172,12 +174,23 @@ def _validation_lines(error: ValidationError, allowed: Sequence[str] = ()) -> li
     return lines
 
 
+def _allowed_keys(model: type[BaseModel], path: Sequence[int | str]) -> list[str]:
+    """The field names of the (nested) model at ``path``, e.g. ``("thresholds",)``."""
+    for part in path:
+        info = model.model_fields.get(str(part))
+        annotation = info.annotation if info is not None else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
 def make_config(**values: Any) -> TrainConfig:
     """A :class:`TrainConfig`, or a ConfigurationError naming each bad value and what is allowed."""
     try:
         return TrainConfig(**values)
     except ValidationError as error:
-        lines = _validation_lines(error, tuple(TrainConfig.model_fields))
+        lines = _validation_lines(error, TrainConfig)
         raise ConfigurationError(
             "invalid training configuration:\n  " + "\n  ".join(lines)
         ) from error
@@ -401,7 +414,7 @@ def parse_pipeline_params(params: Mapping[str, Any]) -> PipelineParams:
     try:
         return PipelineParams.model_validate(dict(params))
     except ValidationError as error:
-        lines = _validation_lines(error, tuple(PipelineParams.model_fields))
+        lines = _validation_lines(error, PipelineParams)
         raise ConfigurationError("invalid params of the run:\n  " + "\n  ".join(lines)) from error
 
 

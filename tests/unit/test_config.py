@@ -131,7 +131,10 @@ def test_an_unknown_conf_key_is_refused_with_the_allowed_ones() -> None:
 
 
 def test_a_misspelled_threshold_is_refused_before_any_work() -> None:
-    with pytest.raises(ConfigurationError, match=r"thresholds\.acuracy=0\.9: unknown key"):
+    with pytest.raises(
+        ConfigurationError,
+        match=r"thresholds\.acuracy=0\.9: unknown key; allowed: accuracy, f1, precision, recall",
+    ):
         parse_pipeline_params({"thresholds": {"acuracy": 0.9}})
     with pytest.raises(ConfigurationError, match=r"thresholds\.f1=2"):
         parse_pipeline_params({"thresholds": {"f1": 2}})
