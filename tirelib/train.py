@@ -426,6 +426,8 @@ def train(
                     skipped=[{"path": s.path, "reason": s.reason} for s in manifest.skipped],
                 )
                 mlflow.log_artifacts(tmp, f"evaluation/{config.dataset_version}")
+    if run is not None:
+        supersede_interrupted(run.info.run_id, tags[JOB_DIGEST_TAG], settings)
     return TrainResult(
         run_id=run.info.run_id if run is not None else None,
         model_uri=model_uri,
@@ -447,6 +449,7 @@ def _manifest_digest(content: set[tuple[str, str]]) -> str:
 
 
 JOB_DIGEST_TAG = "tire.job_digest"
+SUPERSEDED_TAG = "tire.superseded_by"
 
 
 def job_digest(
@@ -504,6 +507,46 @@ def find_finished_run(
             if k.startswith("test_") or k == "inference_ms_per_image"
         },
     )
+
+
+def supersede_interrupted(run_id: str, digest: str, settings: Settings) -> list[str]:
+    """Mark the runs of the same job that never finished ``KILLED``, tagged with ``run_id``.
+
+    An outage or a killed worker in the middle of training leaves its run ``RUNNING`` or
+    ``FAILED``; the retry trains in a new run. Once that one has finished, the job keeps a
+    single finished run, and the interrupted ones say which run replaced them. Best effort: an
+    MLflow outage here is logged, as the training itself succeeded.
+    """
+    from mlflow import MlflowClient
+
+    from tirelib import tracking
+    from tirelib.errors import RegistryUnavailableError
+
+    client = MlflowClient(settings.mlflow_tracking_uri)
+    replaced = []
+    try:
+        with tracking.outages_are_retryable(
+            settings.mlflow_tracking_uri, "closing interrupted runs"
+        ):
+            experiment_id = client.get_run(run_id).info.experiment_id
+            runs = client.search_runs(
+                [experiment_id],
+                filter_string=(
+                    f"tags.`{JOB_DIGEST_TAG}` = '{digest}' and attributes.status != 'FINISHED'"
+                ),
+                max_results=100,
+            )
+            for earlier in runs:
+                if earlier.info.run_id == run_id or earlier.info.status == "KILLED":
+                    continue
+                client.set_tag(earlier.info.run_id, SUPERSEDED_TAG, run_id)
+                client.set_terminated(earlier.info.run_id, status="KILLED")
+                replaced.append(earlier.info.run_id)
+    except RegistryUnavailableError as error:
+        log.warning("could not close the interrupted runs of this job: %s", error)
+    if replaced:
+        log.info("run %s replaces interrupted run(s) %s of the same job", run_id, replaced)
+    return replaced
 
 
 __all__ = [

@@ -43,7 +43,7 @@ from tirelib.settings import Settings, get_settings, load_settings, reset_settin
 from tirelib.stack import Component, free_port, mlflow_component, seaweedfs_component
 from tirelib.storage import ObjectStore, split_key
 from tirelib.synth import generate
-from tirelib.train import JOB_DIGEST_TAG, make_config
+from tirelib.train import JOB_DIGEST_TAG, SUPERSEDED_TAG, make_config
 
 pytestmark = pytest.mark.integration
 
@@ -417,7 +417,10 @@ def duplicates(world: World, settings: Settings, *, versions: tuple[str, ...] = 
     client = MlflowClient(world.tracking_uri)
     experiment = client.get_experiment_by_name(settings.experiment)
     runs = client.search_runs([experiment.experiment_id], max_results=1000)
-    per_job = Counter(r.data.tags.get(JOB_DIGEST_TAG) for r in runs)
+    # A run that an outage interrupted is closed (KILLED, tagged) by the run that replaced it.
+    per_job = Counter(
+        r.data.tags.get(JOB_DIGEST_TAG) for r in runs if SUPERSEDED_TAG not in r.data.tags
+    )
     if any(n > 1 for n in per_job.values()):
         found.append(f"runs per job {sorted(per_job.values())}")
     versions_found = client.search_model_versions(f"name = '{settings.model_name}'")
@@ -527,6 +530,34 @@ def test_s3_restarted_while_a_task_prepares_the_data(
     table.rows.append(
         Row("S3 restarted while a task prepares the data", story, duplicates(world, get_settings()))
     )
+
+
+def test_mlflow_stopped_during_training(
+    world: World, table: FaultTable, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    world.restore()
+    job = {**world.jobs[0], "seed": 3}  # a job not trained yet
+    logged = Trigger(1, world.mlflow.down)  # MLflow stops as the first epoch is logged
+    _wrap(monkeypatch, mlflow, "log_metrics", lambda *a, **k: logged())
+    outcome = with_retries(pipeline.train, job, restore=world.mlflow_up)
+    assert logged.fired and outcome.errors
+    again = pipeline.train(job)  # a retried task finds the finished run
+    assert again["run_id"] == outcome.value["run_id"]
+    settings = get_settings()
+    client = MlflowClient(world.tracking_uri)
+    experiment = client.get_experiment_by_name(settings.experiment)
+    digest = client.get_run(outcome.value["run_id"]).data.tags[JOB_DIGEST_TAG]
+    runs = client.search_runs([experiment.experiment_id], f"tags.`{JOB_DIGEST_TAG}` = '{digest}'")
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    assert [r.info.run_id for r in finished] == [outcome.value["run_id"]]
+    interrupted = [r for r in runs if r.info.run_id != outcome.value["run_id"]]
+    assert all(r.data.tags.get(SUPERSEDED_TAG) == outcome.value["run_id"] for r in interrupted)
+    assert all(r.info.status == "KILLED" for r in interrupted)
+    story = outcome.story(
+        f"trained in a new run; {len(interrupted)} interrupted run closed as KILLED, "
+        "tagged with its replacement"
+    )
+    table.rows.append(Row("MLflow stopped during training", story, duplicates(world, settings)))
 
 
 def test_mlflow_stopped_during_register(
