@@ -16,9 +16,14 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from airflow.sdk import DAG, Metadata, PokeReturnValue, task
+from airflow.sdk import DAG, Metadata, task
 
-from tirelib.orchestration import failure_notifier, io_retries, raw_data_asset
+from tirelib.orchestration import (
+    NewVersionSensor,
+    failure_notifier,
+    io_retries,
+    raw_data_asset,
+)
 from tirelib.settings import get_settings
 
 settings = get_settings()
@@ -35,22 +40,17 @@ with DAG(
     tags=["tire", "data"],
     doc_md=__doc__,
 ):
-    # Reschedule mode frees the worker slot between pokes. Each poke decides from S3 alone
-    # (markers, and LastModified for the settle period), so nothing is kept between pokes; the
-    # amazon provider's S3KeysUnchangedSensor keeps its "unchanged since" state in memory,
-    # which reschedule mode loses at every poke, so it cannot be used here.
-    @task.sensor(
+    # Reschedule mode frees the worker slot between pokes; each poke decides from S3 alone.
+    # (The amazon provider's S3KeysUnchangedSensor keeps its state in memory between pokes,
+    # which reschedule mode loses, so it cannot watch the settle period here.)
+    wait_for_new_version = NewVersionSensor(
+        task_id="wait_for_new_version",
         mode="reschedule",
         poke_interval=settings.sensor_poke_seconds,
         # Give up shortly before the next scheduled run; nothing new is not a failure.
         timeout=timedelta(minutes=4, seconds=30).total_seconds(),
         soft_fail=True,
     )
-    def wait_for_new_version() -> PokeReturnValue:
-        from tirelib import pipeline
-
-        ready = pipeline.poke_new_versions()
-        return PokeReturnValue(is_done=bool(ready), xcom_value=ready)
 
     @task(outlets=[RAW_DATA])
     def announce_versions():
@@ -58,4 +58,4 @@ with DAG(
 
         yield Metadata(RAW_DATA, pipeline.announce_versions())
 
-    wait_for_new_version() >> announce_versions()
+    wait_for_new_version >> announce_versions()

@@ -1,11 +1,16 @@
-"""Small, fast test data: distinct tiny images in class folders, and broken files."""
+"""Small, fast test data: distinct tiny images in class folders, broken files, and an upload
+the way any S3 client makes one."""
 
 from __future__ import annotations
 
 import io
 from pathlib import Path
 
+import boto3
+from botocore.config import Config
 from PIL import Image
+
+from tirelib.settings import Settings
 
 
 def png_bytes(index: int, size: int = 8, label: str = "good") -> bytes:
@@ -51,3 +56,34 @@ def add_broken_files(label_dir: Path) -> dict[str, str]:
         "notes.png": "not an image",
         ".DS_Store": "hidden file",
     }
+
+
+def upload_with_boto3(
+    settings: Settings, src: Path, version: str, extra: dict[str, bytes] | None = None
+) -> int:
+    """Put every file of ``src/<label>/`` under ``raw/<version>/`` with plain boto3 calls, as
+    ``aws s3 sync`` or a camera gateway would: no manifest. ``extra`` maps more keys below
+    ``raw/<version>/`` to their bytes. Returns the number of files put from ``src``."""
+    client = boto3.client(
+        "s3",
+        endpoint_url=settings.s3_endpoint_url,
+        aws_access_key_id=settings.aws_access_key_id,
+        aws_secret_access_key=(
+            settings.aws_secret_access_key.get_secret_value()
+            if settings.aws_secret_access_key
+            else None
+        ),
+        region_name=settings.aws_default_region,
+        config=Config(
+            s3={"addressing_style": "path"},
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        ),
+    )
+    files = sorted(p for p in src.rglob("*") if p.is_file())
+    for path in files:
+        key = f"raw/{version}/{path.relative_to(src).as_posix()}"
+        client.put_object(Bucket=settings.data_bucket, Key=key, Body=path.read_bytes())
+    for name, data in (extra or {}).items():
+        client.put_object(Bucket=settings.data_bucket, Key=f"raw/{version}/{name}", Body=data)
+    return len(files)

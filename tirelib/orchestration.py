@@ -1,4 +1,5 @@
-"""What the two DAG files share: the data asset, the Slack failure notifier, retry policy.
+"""What the DAG files share: the data asset, the new-version sensor, the failure callback, the
+retry policy.
 
 Imported at DAG-parse time, so it imports Airflow's SDK and tirelib's settings only.
 """
@@ -9,7 +10,15 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-from airflow.sdk import Asset, Context, ExceptionRetryPolicy, RetryAction, RetryRule
+from airflow.sdk import (
+    Asset,
+    BaseSensorOperator,
+    Context,
+    ExceptionRetryPolicy,
+    PokeReturnValue,
+    RetryAction,
+    RetryRule,
+)
 
 from tirelib.errors import FAIL_FAST_ERRORS, RETRYABLE_ERRORS
 from tirelib.settings import Settings
@@ -20,6 +29,23 @@ RESOLVE_TASK = "resolve_version"  # the pipeline's first task; its XCom names th
 def raw_data_asset(settings: Settings) -> Asset:
     """The asset the sensor emits and the training pipeline is scheduled on."""
     return Asset(uri=f"s3://{settings.data_bucket}/raw", name="tire_raw_data")
+
+
+class NewVersionSensor(BaseSensorOperator):
+    """Waits for a dataset version ready for the pipeline; its XCom lists them, oldest first.
+
+    Each poke is :func:`tirelib.pipeline.poke_new_versions`, which decides from S3 alone
+    (markers, and LastModified for the settle period of uploads without a manifest), so it
+    keeps nothing between pokes and works in reschedule mode, holding no worker slot while it
+    waits. The amazon provider's ``S3KeysUnchangedSensor`` keeps its "unchanged since" state in
+    memory, which reschedule mode loses at every poke, so it cannot serve here.
+    """
+
+    def poke(self, context: Context) -> PokeReturnValue:
+        from tirelib.pipeline import poke_new_versions
+
+        ready = poke_new_versions()
+        return PokeReturnValue(is_done=bool(ready), xcom_value=ready)
 
 
 def failure_notifier() -> Callable[[Context], None]:

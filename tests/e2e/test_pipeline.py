@@ -10,7 +10,8 @@ from __future__ import annotations
 import random
 import secrets
 import shutil
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,9 +19,9 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.conftest import S3Server, SlackReceiver, fresh_database
-from tests.factories import write_image_folder
+from tests.factories import upload_with_boto3, write_image_folder
 from tirelib.airflow_api import AirflowClient
-from tirelib.data import upload_version
+from tirelib.data import VersionState, list_versions, upload_version
 from tirelib.registry import info
 from tirelib.settings import Settings, load_settings
 from tirelib.stack import (
@@ -30,7 +31,7 @@ from tirelib.stack import (
     create_buckets,
     free_port,
 )
-from tirelib.storage import ObjectStore, processed_key
+from tirelib.storage import ObjectStore, failed_key, processed_key
 
 pytestmark = pytest.mark.e2e
 
@@ -88,6 +89,7 @@ def stack(
             airflow_port=free_port(),
             airflow_database_url=airflow_db,
             sensor_poke_seconds=5,
+            settle_seconds=5,
             pipeline_epochs=3,
             min_accuracy=0.7,
             min_f1=0.6,
@@ -163,3 +165,50 @@ def test_a_failing_task_reaches_slack(stack: Stack) -> None:
     assert run["state"] == "failed"
     texts = stack.slack.wait_for(1, timeout=60) and stack.slack.texts()
     assert any("resolve_version failed" in text and "no-such-version" in text for text in texts)
+
+
+def _wait_for(what: str, check: Callable[[], bool], timeout: float = 900) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"gave up waiting for {what} after {timeout:.0f} s"
+        time.sleep(1)
+
+
+def test_a_bad_version_is_marked_failed_once_and_a_newer_one_goes_ahead(stack: Stack) -> None:
+    stack.slack.clear()
+    before = {r["dag_run_id"] for r in stack.airflow.dag_runs(PIPELINE)}
+    bad, good = "v3-one-label", "v4"
+    # One label only, put with plain boto3 (no manifest): the sensor ingests it once it settles.
+    write_image_folder(stack.data / bad, {"good": 40}, size=16, start=5000)
+    upload_with_boto3(stack.settings, stack.data / bad, bad)
+    upload_version(stack.store, _easy(stack.data / good, 240, start=6000), good, progress=False)
+
+    def state(version: str) -> VersionState:
+        infos = list_versions(stack.store, settle_seconds=stack.settings.settle_seconds)
+        return next(i.state for i in infos if i.version == version)
+
+    _wait_for(f"{bad} to settle", lambda: state(bad) is VersionState.NEW, timeout=60)
+    # The older version goes first and fails on its data. Scheduled sensor runs may announce
+    # too, so the test waits on the lake's markers rather than on one particular run.
+    stack.airflow.trigger(SENSOR)
+    _wait_for(f"{bad} to be marked failed", lambda: stack.store.exists(failed_key(bad)))
+    marker = stack.store.get_json(failed_key(bad))
+    assert marker["task"] == "validate_data" and marker["kind"] == "bad_input"
+    assert "labels" in marker["reason"] and marker["run_url"]
+
+    stack.airflow.trigger(SENSOR)  # the newer version is not held up behind the failed one
+    _wait_for(f"{good} to be processed", lambda: stack.store.exists(processed_key(good)))
+    production = info(stack.settings).production
+    assert production is not None and production.dataset_version == good
+
+    def finished() -> list[dict]:
+        runs = [r for r in stack.airflow.dag_runs(PIPELINE) if r["dag_run_id"] not in before]
+        return runs if all(r["state"] in ("success", "failed") for r in runs) else []
+
+    _wait_for("the pipeline runs to finish", lambda: bool(finished()), timeout=300)
+    assert [r["state"] for r in finished()].count("failed") == 1
+    assert state(bad) is VersionState.FAILED and state(good) is VersionState.PROCESSED
+    told = [text for text in stack.slack.texts() if bad in text]
+    assert len(told) == 1, told
+    assert "failed at once: bad input" in told[0] and "of 4" not in told[0]
+    assert f"tirelib data retry {bad}" in told[0]

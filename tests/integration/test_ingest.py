@@ -10,13 +10,11 @@ import io
 import json
 from pathlib import Path
 
-import boto3
 import pytest
-from botocore.config import Config
 from PIL import Image
 from typer.testing import CliRunner
 
-from tests.factories import png_bytes
+from tests.factories import png_bytes, upload_with_boto3
 from tirelib import pipeline
 from tirelib.cli import app, main
 from tirelib.data import VersionState, list_versions, read_manifest
@@ -35,25 +33,6 @@ JUNK = {
 }
 
 
-def _boto3_client(settings: Settings):
-    return boto3.client(
-        "s3",
-        endpoint_url=settings.s3_endpoint_url,
-        aws_access_key_id=settings.aws_access_key_id,
-        aws_secret_access_key=(
-            settings.aws_secret_access_key.get_secret_value()
-            if settings.aws_secret_access_key
-            else None
-        ),
-        region_name="us-east-1",
-        config=Config(
-            s3={"addressing_style": "path"},
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-        ),
-    )
-
-
 def _corrupt_jpeg() -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (64, 64), (90, 120, 30)).save(buffer, format="JPEG")
@@ -62,18 +41,9 @@ def _corrupt_jpeg() -> bytes:
 
 
 def sync_upload(settings: Settings, src: Path, version: str, *, junk: bool = True) -> int:
-    """Put every file of ``src/<label>/`` under ``raw/<version>/`` with plain boto3 calls."""
-    client = _boto3_client(settings)
-    count = 0
-    for path in sorted(p for p in src.rglob("*") if p.is_file()):
-        key = f"raw/{version}/{path.relative_to(src).as_posix()}"
-        client.put_object(Bucket=settings.data_bucket, Key=key, Body=path.read_bytes())
-        count += 1
-    if junk:
-        for name, (data, _) in JUNK.items():
-            body = _corrupt_jpeg() if data is None else data
-            client.put_object(Bucket=settings.data_bucket, Key=f"raw/{version}/{name}", Body=body)
-    return count
+    """Upload ``src`` with plain boto3 calls, with the junk files beside the images."""
+    extra = {n: _corrupt_jpeg() if d is None else d for n, (d, _) in JUNK.items()} if junk else {}
+    return upload_with_boto3(settings, src, version, extra)
 
 
 def _settled(settings: Settings) -> Settings:
@@ -174,9 +144,9 @@ def test_cli_ingest_is_idempotent_and_retry_clears_a_failed_mark(
 def test_a_version_without_images_is_marked_failed_and_the_next_goes_ahead(
     tire_env: Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    client = _boto3_client(tire_env)
-    for name in ("good/notes.txt", "good/.DS_Store"):
-        client.put_object(Bucket=tire_env.data_bucket, Key=f"raw/a-junk/{name}", Body=b"junk")
+    junk_only = {"good/notes.txt": b"junk", "good/.DS_Store": b"junk"}
+    (tmp_path / "none").mkdir()
+    upload_with_boto3(tire_env, tmp_path / "none", "a-junk", junk_only)
     (tmp_path / "good").mkdir()
     (tmp_path / "defective").mkdir()
     for index in range(4):

@@ -150,3 +150,71 @@ def test_the_failed_marker_names_reason_task_run_and_error_class() -> None:
         "manual__1",
         "http://airflow/log",
     )
+
+
+class _TaskInstance:
+    """The few attributes of Airflow's RuntimeTaskInstance the failure callback reads."""
+
+    def __init__(self, task_id: str, jobs: list[dict] | None, map_index: int = -1) -> None:
+        self.dag_id, self.task_id, self.map_index = "tire_training_pipeline", task_id, map_index
+        self.run_id, self.try_number, self.max_tries = "asset_triggered__1", 1, 3
+        self.log_url = "http://airflow/dags/tire_training_pipeline/runs/1"
+        self._jobs = jobs
+
+    def xcom_pull(self, task_ids: str) -> list[dict] | None:
+        assert task_ids == "resolve_version"
+        return self._jobs
+
+
+class _Dag:
+    task_ids = ("resolve_version", "validate_data", "train")
+
+
+class _Event:
+    def __init__(self, version: str) -> None:
+        self.extra = {"version": version, "pending": [version]}
+
+
+@pytest.fixture
+def told(monkeypatch: pytest.MonkeyPatch) -> list[TaskFailure]:
+    from tirelib import pipeline
+
+    failures: list[TaskFailure] = []
+    monkeypatch.setattr(pipeline, "version_failed", lambda failure: failures.append(failure))
+    return failures
+
+
+def test_the_callback_takes_the_version_resolve_version_chose(told: list[TaskFailure]) -> None:
+    from tirelib.orchestration import on_task_failure
+
+    jobs = [{"dataset_version": "v7", "model_type": "cnn"}]
+    ti = _TaskInstance("train", jobs, map_index=0)
+    error = DataError("too few images")
+    on_task_failure({"ti": ti, "dag": _Dag(), "exception": error, "params": {}})
+    (failure,) = told
+    assert (failure.version, failure.task_id, failure.error) == ("v7", "train[0]", error)
+    assert (failure.try_number, failure.max_tries, failure.log_url) == (1, 3, ti.log_url)
+
+
+@pytest.mark.parametrize(
+    ("params", "events", "version"),
+    [
+        ({"dataset_version": "v8"}, {}, "v8"),
+        ({}, {"tire_raw_data": [_Event("v9")]}, "v9"),
+        ({}, {}, None),
+    ],
+)
+def test_when_resolve_version_fails_the_run_s_own_version_is_used(
+    told: list[TaskFailure], params: dict, events: dict, version: str | None
+) -> None:
+    from tirelib.orchestration import on_task_failure
+
+    context = {
+        "ti": _TaskInstance("resolve_version", None),
+        "dag": _Dag(),
+        "exception": StorageUnavailableError("connection refused"),
+        "params": params,
+        "triggering_asset_events": events,
+    }
+    on_task_failure(context)
+    assert told[0].version == version
