@@ -101,7 +101,8 @@ def _run_version(context: Context) -> str | None:
 
 
 # Rules match subclasses (isinstance) and the first match wins. An unreachable S3, MLflow or
-# PostgreSQL is retried with the task's backoff; bad data or a bad parameter fails at once;
+# PostgreSQL is retried with the task's backoff; bad data or a bad parameter fails at once, and
+# so does a promotion refused on stale evidence (a retry would judge the same evaluate result);
 # anything else (a bug, an error nobody classified) gets the task's ordinary retries.
 RETRY_POLICY = ExceptionRetryPolicy(
     rules=[
@@ -114,6 +115,11 @@ RETRY_POLICY = ExceptionRetryPolicy(
             exception=list(FAIL_FAST_ERRORS),
             action=RetryAction.FAIL,
             reason="bad data or parameters: a retry cannot help",
+        ),
+        RetryRule(
+            exception="tirelib.errors.PromotionConflictError",
+            action=RetryAction.FAIL,
+            reason="production moved after evaluate compared: evaluate again, then promote",
         ),
     ]
 )

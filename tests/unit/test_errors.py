@@ -60,11 +60,12 @@ DECISIONS = {
     DataError: "fail",
     VersionExistsError: "fail",
     ConfigurationError: "fail",
+    # Stale evidence: retrying promote would judge the same evaluate result again.
+    PromotionConflictError: "fail",
     # Neither an outage nor bad input: the task's ordinary retries.
     TirelibError: "default",
     StorageError: "default",
     RegistryError: "default",
-    PromotionConflictError: "default",
     StackError: "default",
 }
 
