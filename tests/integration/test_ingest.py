@@ -71,6 +71,8 @@ def test_a_synced_version_settles_is_ingested_by_the_sensor_and_trains(
     # Just written: still uploading for the default settle period, so the sensor waits.
     (info,) = list_versions(store, settle_seconds=tracked_env.settle_seconds)
     assert info.state is VersionState.UPLOADING and not info.complete
+    listed = CliRunner().invoke(app, ["data", "list"])
+    assert listed.exit_code == 0 and "uploading" in listed.stdout, listed.output
     assert pipeline.poke_new_versions(tracked_env) == []
     assert not store.exists(manifest_key("synced"))
 

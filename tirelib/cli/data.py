@@ -115,7 +115,9 @@ def list_(
         created = v.created_at or (f"{v.last_change} (last upload)" if v.last_change else "-")
         labels = " ".join(f"{label}={n}" for label, n in v.counts.items())
         if not v.complete and v.state is VersionState.NEW:
-            labels = "not ingested yet"
+            labels = "settled, not ingested yet (the sensor ingests it)"
+        elif v.state is VersionState.UPLOADING:
+            labels = "objects still arriving, no manifest yet"
         typer.echo(f"{v.version:<24} {created:<21} {v.total:>7}  {v.state.value:<10} {labels}")
         if v.failure:
             reason = str(v.failure.get("reason", "")).splitlines()[0][:160]
