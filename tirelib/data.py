@@ -502,9 +502,9 @@ def list_versions(
     """Every version in the lake with its state, oldest first.
 
     With ``detail`` each manifest is read for its counts and each failed marker for its
-    reason; without, only versions still waiting are looked into (the sensor's cheap path:
-    processed and failed versions cost no request). ``settle_seconds`` defaults to the
-    ``TIRE_SETTLE_SECONDS`` setting.
+    reason; without, only versions still waiting are looked into (the sensor's cheap path: a
+    marked version costs no request and is reported by its state alone, without counts).
+    ``settle_seconds`` defaults to the ``TIRE_SETTLE_SECONDS`` setting.
     """
     if settle_seconds is None:
         settle_seconds = get_settings().settle_seconds
