@@ -70,7 +70,8 @@ def configure(settings: Settings) -> str:
 # What MLflow's REST client says once its own retries are spent (connection refused or reset,
 # timeouts, 5xx and 429 answers), or for an answer without a JSON body.
 _TRANSPORT_FAILURE = re.compile(r"API request to \S+ failed with (timeout )?exception")
-_STATUS_IN_MESSAGE = re.compile(r"API request to (?:endpoint )?\S+ failed with error code (\d{3})")
+# "... failed with error code 503 != 200": an answer that was not JSON, with its status.
+_STATUS_IN_MESSAGE = re.compile(r"failed with error code (\d{3})\b")
 _UNREACHABLE = (
     requests.ConnectionError,
     requests.Timeout,
@@ -81,6 +82,20 @@ _UNREACHABLE = (
     ConnectionError,
     TimeoutError,
 )
+
+
+def http_status(error: BaseException) -> int | None:
+    """The HTTP status a tracking server answered with, when ``error`` carries one."""
+    if isinstance(error, requests.HTTPError) and error.response is not None:
+        return int(error.response.status_code)
+    if isinstance(error, RestException):  # a JSON error body: its code maps to a status
+        return int(error.get_http_status_code())
+    match = (
+        _STATUS_IN_MESSAGE.search(str(error.message))
+        if isinstance(error, MlflowException)
+        else None
+    )
+    return int(match.group(1)) if match else None
 
 
 def server_unreachable(error: BaseException) -> bool:
@@ -95,20 +110,15 @@ def server_unreachable(error: BaseException) -> bool:
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if isinstance(current, requests.HTTPError) and current.response is not None:
-            return is_transient_http_status(current.response.status_code)
+        status = http_status(current)
+        if status is not None:
+            return is_transient_http_status(status)
         if isinstance(current, _UNREACHABLE):
             return True
-        if isinstance(current, RestException):  # the server answered with a JSON error
-            return is_transient_http_status(current.get_http_status_code())
-        if isinstance(current, MlflowException):
-            message = str(current.message)
-            if match := _STATUS_IN_MESSAGE.search(message):
-                return is_transient_http_status(int(match.group(1)))
-            # Also inside the summary of failed artifact downloads, which keeps no cause.
-            if _TRANSPORT_FAILURE.search(message):
-                return True
-        current = current.__cause__
+        # Also inside the summary of failed artifact downloads, which keeps no cause.
+        if isinstance(current, MlflowException) and _TRANSPORT_FAILURE.search(str(current.message)):
+            return True
+        current = current.__cause__ or current.__context__
     return False
 
 

@@ -29,17 +29,17 @@ import requests
 from mlflow import MlflowClient
 from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion, RegisteredModel
-from mlflow.exceptions import MlflowException, RestException
+from mlflow.exceptions import MlflowException
 
 from tirelib.errors import (
     ConfigurationError,
     RegistryError,
     RegistryUnavailableError,
-    is_transient_http_status,
 )
 from tirelib.registry.history import HistoryEvent, event_tag, parse_events
 from tirelib.registry.results import PRODUCTION
 from tirelib.settings import Settings
+from tirelib.tracking import server_unreachable
 from tirelib.urls import mask_credentials, masked_url
 
 log = logging.getLogger(__name__)
@@ -51,9 +51,6 @@ HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
 }
-
-# What MLflow says of an answer that was not JSON: "... failed with error code 503 != 200".
-_STATUS_RE = re.compile(r"failed with error code (\d{3})\b")
 
 
 def configure(settings: Settings) -> MlflowClient:
@@ -83,42 +80,6 @@ def who() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
-def http_status(error: BaseException) -> int | None:
-    """The HTTP status a tracking server answered with, when ``error`` carries one."""
-    if isinstance(error, requests.HTTPError) and error.response is not None:
-        return int(error.response.status_code)
-    if isinstance(error, MlflowException):
-        if found := _STATUS_RE.search(str(error.message)):
-            return int(found[1])
-        if isinstance(error, RestException):  # a JSON error body: its code maps to a status
-            return int(error.get_http_status_code())
-    return None
-
-
-def is_unavailable(error: BaseException) -> bool:
-    """Whether ``error``, or one it was raised from, says the tracking server was unreachable.
-
-    No answer at all (connection refused or reset, timeout, retries spent), 5xx or 429.
-    """
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        status = http_status(current)
-        if status is not None:
-            return is_transient_http_status(status)
-        if isinstance(current, (requests.ConnectionError, requests.Timeout)):
-            return True
-        # What MLflow raises when no answer came: "API request to <url> failed with exception
-        # ..." (connection errors, retries spent) or "... failed with timeout exception".
-        if isinstance(current, MlflowException) and str(current.message).startswith(
-            "API request to"
-        ):
-            return True
-        current = current.__cause__ or current.__context__
-    return False
-
-
 class RegistryClient:
     """The calls the registry makes for one registered model, with MLflow errors translated."""
 
@@ -144,7 +105,7 @@ class RegistryClient:
             detail = mask_credentials(
                 str(error.message) if isinstance(error, MlflowException) else str(error)
             )
-            if is_unavailable(error):
+            if server_unreachable(error):
                 raise self.unavailable(doing, detail) from error
             raise RegistryError(f"MLflow at {self.where} refused {doing}: {detail}") from error
 
@@ -153,7 +114,7 @@ class RegistryClient:
         lowered = detail.lower()
         if "timeout" in lowered or "timed out" in lowered:
             cause = "timed out"
-        elif _STATUS_RE.search(detail) or "too many" in lowered:  # 5xx, 429
+        elif "error code" in lowered or "too many" in lowered:  # 5xx, 429
             cause = "it answered with a server error or throttling"
         else:
             cause = "connection failed"
@@ -298,7 +259,7 @@ class RegistryClient:
             # Whatever breaks the load (missing files, bad weights, import errors) must stop
             # the promotion; the cause travels with the error.
             detail = mask_credentials(f"{type(error).__name__}: {str(error)[:300]}")
-            if is_unavailable(error):
+            if server_unreachable(error):
                 raise self.unavailable(f"loading version {version}", detail) from error
             raise RegistryError(
                 f"refusing to promote version {version} of {self.name!r}: its model cannot be "
@@ -312,8 +273,6 @@ __all__ = [
     "HTTP_DEFAULTS",
     "RegistryClient",
     "configure",
-    "http_status",
-    "is_unavailable",
     "now",
     "who",
 ]
