@@ -36,6 +36,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import _FOREIGN_ENV, S3Server, SlackReceiver, lake_env
+from tests.integration.model_server import running_server
 from tirelib import tracking
 from tirelib.data import ensure_splits, upload_version
 from tirelib.evaluate import MODEL_URI_TAG, evaluate_model
@@ -167,32 +168,15 @@ def world(
 @pytest.fixture(scope="module")
 def server(world: World, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``tirelib serve`` on a free port, following ``@production``; stopped by its pid."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = os.environ.copy()
-    env["TIRE_SERVE_MAX_IMAGE_SIDE"] = str(MAX_SIDE)
-    process = ManagedProcess(
-        "serve",
-        [
-            sys.executable, "-m", "tirelib", "serve",
-            "--port", str(port),
-            "--poll-interval", "0.5",
-            "--max-wait-ms", "5",
-            "--max-body-bytes", str(MAX_BODY),
-            "--max-instances", str(MAX_INSTANCES),
-        ],
-        state_dir=tmp_path_factory.mktemp("serve-process"),
-        ready=HttpCheck(f"{url}/readyz"),
-        env=env,
-        url=url,
-        ports=(port,),
-    )  # fmt: skip
-    process.start()
-    try:
-        process.wait_ready(180)
-        yield url
-    finally:
-        process.stop(timeout=20)
+    args = [
+        "--poll-interval", "0.5",
+        "--max-wait-ms", "5",
+        "--max-body-bytes", str(MAX_BODY),
+        "--max-instances", str(MAX_INSTANCES),
+    ]  # fmt: skip
+    env = {"TIRE_SERVE_MAX_IMAGE_SIDE": str(MAX_SIDE)}
+    with running_server(tmp_path_factory.mktemp("serve-process"), args, env=env) as process:
+        yield process.url
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -351,53 +335,23 @@ def test_a_hundred_instances_in_one_request(world: World, at_version_1: str) -> 
     assert np.allclose(response.json()["predictions"], world.expected("1", encoded), atol=TOLERANCE)
 
 
-# --- bad input ------------------------------------------------------------------------------
-
-
-def _bad_requests() -> list[Any]:
-    tiny = [[[0.5, 0.5, 0.5]]]
-    wide = io.BytesIO()
-    Image.new("RGB", (MAX_SIDE + 1, 4)).save(wide, format="PNG")
-    pdf = b64(b"%PDF-1.4 not an image")
-    many = {"instances": [tiny] * (MAX_INSTANCES + 1)}
-    cases = [
-        ("malformed JSON", ":predict", b'{"instances": [[[0.1, 0.2', 400, "malformed JSON"),
-        ("wrong shape", ":predict", {"instances": [[0.1, 0.2, 0.3]]}, 400, "[height, width, 3]"),
-        ("non-image bytes", ":predict", {"instances": [pdf]}, 400, "not an image"),
-        ("NaN", ":predict", b'{"instances": [[[[NaN, 0.5, 0.5]]]]}', 400, "NaN"),
-        ("empty batch", ":predict", {"instances": []}, 400, "no images given"),
-        ("unknown version", "/versions/42:predict", {"instances": [tiny]}, 404, "(tire, 42)"),
-        ("too many", ":predict", many, 400, f"at most {MAX_INSTANCES}"),
-        ("too large", ":predict", {"instances": [b64(wide.getvalue())]}, 400, "on a side"),
-        ("body too large", ":predict", b" " * (MAX_BODY + 1), 413, "larger than"),
-    ]
-    return [pytest.param(*case[1:], id=case[0]) for case in cases]
-
-
-@pytest.mark.parametrize(("suffix", "body", "status", "message"), _bad_requests())
-def test_bad_input_is_a_4xx_saying_what_was_wrong(
-    server: str, suffix: str, body: Any, status: int, message: str
-) -> None:
-    target = f"{server}/v1/models/tire{suffix}"
-    if isinstance(body, bytes):
-        response = httpx.post(target, content=body, timeout=60)
-    else:
-        response = httpx.post(target, json=body, timeout=60)
-    assert response.status_code == status, response.text
-    assert set(response.json()) == {"error"}
-    assert message in response.json()["error"]
+# --- bad input (each case is in tests/integration/test_hostile_input.py) ----------------------
 
 
 def test_schemathesis_finds_no_server_error(server: str, tmp_path: Path) -> None:
     """Fuzz every operation of the server's own OpenAPI schema (bounded: 20 examples each).
 
     Every check runs except ``positive_data_acceptance``: the schema cannot say that base64 text
-    must decode to an image, so schema-valid bodies are rightly refused with a 400.
+    must decode to an image, so schema-valid bodies are rightly refused with a 400. The hook
+    module ``hostile_bodies`` mixes hostile bodies into those of every JSON operation (nesting
+    thousands deep, invalid UTF-8, huge strings, non-numeric pixels), so "no server error" is
+    checked for them too.
     """
     version = served_version(server) or "1"
     config = tmp_path / "schemathesis.toml"
     config.write_text(f'[parameters]\n"path.version" = "{version}"\n')
     st = shutil.which("st", path=str(Path(sys.executable).parent)) or "st"
+    env = {**os.environ, "SCHEMATHESIS_HOOKS": str(Path(__file__).with_name("hostile_bodies.py"))}
     done = subprocess.run(
         [
             st, "--config-file", str(config), "--no-color", "run", f"{server}/openapi.json",
@@ -407,7 +361,7 @@ def test_schemathesis_finds_no_server_error(server: str, tmp_path: Path) -> None
             # on CPython 3.11 (a SystemError in the tool, not in the server).
             "--workers", "1",
         ],
-        capture_output=True, text=True, timeout=240, cwd=tmp_path, check=False,
+        capture_output=True, text=True, timeout=240, cwd=tmp_path, check=False, env=env,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
     assert "passed" in done.stdout

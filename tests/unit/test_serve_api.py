@@ -331,7 +331,7 @@ BAD_REQUESTS: list[tuple[str, str, Any, int, str]] = [
         "/v1/models/tire:predict",
         {"instances": [[[["a", "b", "c"]]]]},
         400,
-        "ragged or non-numeric",
+        "instances[0]: pixel values must be numbers in [0, 1], got a string at [0][0][0]",
     ),
     ("a number", "/v1/models/tire:predict", {"instances": [3]}, 400, "instances[0]: got int"),
     (

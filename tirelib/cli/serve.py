@@ -39,6 +39,7 @@ def serve(
     import uvicorn
 
     from tirelib.serve import create_app, load_serve_config
+    from tirelib.serve.protocol import server_options
 
     config = load_serve_config(
         model_uri=model_uri,
@@ -63,4 +64,5 @@ def serve(
         access_log=access_log,
         server_header=False,
         timeout_graceful_shutdown=30,
+        **server_options(config),  # h11 with a deadline and caps on request heads
     )

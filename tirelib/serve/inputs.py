@@ -11,18 +11,22 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import io
 import math
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
 from tirelib.errors import DataError
 from tirelib.preprocessing import Preprocessing
+from tirelib.serve.limits import excerpt
 
 FLOAT_INPUT = "images"
 """The float input: HWC images with values in [0, 1] (v2: FP32 ``[N, H, W, 3]``)."""
@@ -58,6 +62,64 @@ def check_count(count: int, limits: Limits, what: str = "instances") -> None:
         )
 
 
+def _names(keys: Iterable[Any]) -> str:
+    """Keys for an error message: sorted, at most five, each an excerpt."""
+    names = sorted(map(str, keys))
+    shown = ", ".join(excerpt(name, 40) for name in names[:5])
+    return f"[{shown}" + (f" and {len(names) - 5:,} more]" if len(names) > 5 else "]")
+
+
+def _one_image(value: Any) -> bool:
+    """``value`` is a single HWC image (its items are pixel rows), not a list of images."""
+    probe = value
+    for _ in range(3):
+        if not isinstance(probe, list) or not probe:
+            return False
+        probe = probe[0]
+    return isinstance(probe, int | float)
+
+
+@functools.cache
+def _nested_floats(depth: int) -> Any:
+    kind: Any = float
+    for _ in range(depth):
+        kind = list[kind]
+    return kind
+
+
+_JSON_KINDS = {"str": "a string", "bool": "a boolean", "null": "null", "object": "an object"}
+_CONVERT_ERROR = re.compile(r"Expected `(\w+)`, got `(\w+)` - at `\$(.*)`")
+
+
+def pixel_array(value: list[Any], dtype: Any = np.float32) -> np.ndarray:
+    """Nested lists of numbers as an array. Strings, booleans and nulls are refused: numpy
+    would silently read ``"0.5"`` and ``true`` as numbers."""
+    depth = 0
+    probe: Any = value  # the nesting of the first item decides the type checked
+    while isinstance(probe, list):
+        depth += 1
+        probe = probe[0] if probe else None
+    try:
+        msgspec.convert(value, _nested_floats(depth), strict=True)
+    except msgspec.ValidationError as error:
+        found = _CONVERT_ERROR.match(str(error))
+        if found and found[1] == "float" and found[2] in _JSON_KINDS:
+            raise DataError(
+                f"pixel values must be numbers in [0, 1], got {_JSON_KINDS[found[2]]} "
+                f"at {found[3] or 'the top'}"
+            ) from error
+        detail = str(error).replace("`$", "`")
+        raise DataError(
+            f"{_SHAPE_HINT}; ragged or non-numeric values are not allowed ({detail})"
+        ) from error
+    try:
+        return np.asarray(value, dtype=dtype)
+    except (TypeError, ValueError, OverflowError) as error:
+        raise DataError(
+            f"{_SHAPE_HINT}; ragged or non-numeric values are not allowed ({error})"
+        ) from error
+
+
 def decode_b64(value: Any, where: str) -> bytes:
     """Base64 text (standard or URL-safe alphabet, padding optional) to bytes."""
     if not isinstance(value, str):
@@ -82,7 +144,7 @@ def _image(value: Any, where: str, *, named: bool = True) -> RawImage:
             key = next(iter(keys))
             return _image(value[key], f"{where}.{key}", named=False)
         raise DataError(
-            f"{where}: unexpected keys {sorted(map(str, keys))}; {_SHAPE_HINT}, "
+            f"{where}: unexpected keys {_names(keys)}; {_SHAPE_HINT}, "
             f"or a single named input ({', '.join(INPUT_NAMES)})"
         )
     raise DataError(f"{where}: got {type(value).__name__}; {_SHAPE_HINT}")
@@ -90,6 +152,11 @@ def _image(value: Any, where: str, *, named: bool = True) -> RawImage:
 
 def from_instances(instances: Sequence[Any], limits: Limits) -> list[Located]:
     """TF Serving's row form: ``{"instances": [image, image, …]}``."""
+    if _one_image(instances):
+        raise DataError(
+            '"instances" holds one image (rows of pixels) where a list of images belongs: '
+            'an image is [height, width, 3]; send {"instances": [image]}'
+        )
     check_count(len(instances), limits, '"instances"')
     return [(f"instances[{i}]", _image(v, f"instances[{i}]")) for i, v in enumerate(instances)]
 
@@ -105,7 +172,7 @@ def from_columnar(inputs: Any, limits: Limits) -> list[Located]:
         if len(keys) != 1 or next(iter(keys)) not in INPUT_NAMES:
             raise DataError(
                 f'"inputs" must be a list of images or one named input '
-                f"({', '.join(INPUT_NAMES)}), got the keys {sorted(map(str, keys))}"
+                f"({', '.join(INPUT_NAMES)}), got the keys {_names(keys)}"
             )
         key = next(iter(keys))
         where, value = f"inputs.{key}", value[key]
@@ -113,6 +180,11 @@ def from_columnar(inputs: Any, limits: Limits) -> list[Located]:
             return [(where, _image(value, where, named=False))]
     if not isinstance(value, list):
         raise DataError(f'"{where}" must be a list of images, got {type(value).__name__}')
+    if _one_image(value):  # TF Serving reads it as a batch of rows: a silent misread
+        raise DataError(
+            f'"{where}" holds one image of shape [height, width, 3]; in the columnar form '
+            "the first dimension is the batch ([N, height, width, 3]): send [image]"
+        )
     check_count(len(value), limits, f'"{where}"')
     return [(f"{where}[{i}]", _image(v, f"{where}[{i}]", named=False)) for i, v in enumerate(value)]
 
@@ -130,7 +202,7 @@ def from_examples(
         if len(names) != 1:
             raise DataError(
                 f"{where}: an example needs exactly one image feature "
-                f"({', '.join(INPUT_NAMES)}), got {sorted(features) or 'none'}"
+                f"({', '.join(INPUT_NAMES)}), got {_names(features) if features else 'none'}"
             )
         found.append((where, _image(features[names[0]], f"{where}.{names[0]}", named=False)))
     return found
@@ -140,7 +212,7 @@ def from_v2_tensor(
     *, name: str, datatype: str, shape: Sequence[int], data: Any, limits: Limits
 ) -> list[Located]:
     """An Open Inference Protocol input: FP32 ``[N, H, W, 3]`` or BYTES ``[N]`` (base64 text)."""
-    where = f"input {name!r}"
+    where = f"input {excerpt(name, 40)}"
     if any(not isinstance(d, int) or d < 0 for d in shape):
         raise DataError(f"{where}: shape must hold non-negative integers, got {list(shape)}")
     if datatype == "BYTES":
@@ -172,10 +244,12 @@ def from_v2_tensor(
     except DataError as error:
         raise DataError(f"{where}: {error}") from error
     expected = math.prod(shape)
+    if not isinstance(data, list):
+        raise DataError(f"{where}: data must be a list of numbers, got {type(data).__name__}")
     try:
-        array = np.asarray(data, dtype=FLOAT_TYPES[datatype])
-    except (TypeError, ValueError) as error:
-        raise DataError(f"{where}: data must be numbers ({error})") from error
+        array = pixel_array(data, FLOAT_TYPES[datatype])
+    except DataError as error:
+        raise DataError(f"{where}: {error}") from error
     if array.size != expected:
         raise DataError(
             f"{where}: shape {list(shape)} needs {expected} values, the data holds {array.size}"
@@ -207,12 +281,12 @@ def to_tensor(prep: Preprocessing, image: RawImage, limits: Limits, where: str) 
                 ) from error
             _check_sides(height, width, limits)
             return prep.from_bytes(image)
-        try:
-            array = np.asarray(image, dtype=np.float32)
-        except (TypeError, ValueError) as error:
+        array = image if isinstance(image, np.ndarray) else pixel_array(image)
+        if array.ndim == 2:  # a grayscale [H, W] would read a row of pixels as an image
             raise DataError(
-                f"{_SHAPE_HINT}; ragged or non-numeric values are not allowed ({error})"
-            ) from error
+                f"an image must have shape [height, width, 3] (HWC), got {list(array.shape)}; "
+                "grayscale is [height, width, 1]"
+            )
         if array.ndim == 4:
             raise DataError(
                 f"got a batch of shape {list(array.shape)} where one image belongs; "

@@ -15,6 +15,7 @@ import msgspec
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tirelib.errors import DataError
+from tirelib.serve.limits import check_json_depth, clip, shorten
 
 # --------------------------------------------------------------------------- JSON schema pieces
 
@@ -254,17 +255,38 @@ _decoder = msgspec.json.Decoder()
 
 def decode_json(raw: bytes) -> Any:
     """Parse JSON fast (msgspec); fall back to the standard parser, which also reads ``NaN``,
-    so that a NaN pixel is reported as such rather than as malformed JSON."""
+    so that a NaN pixel is reported as such rather than as malformed JSON.
+
+    Every failure is a :class:`DataError` naming the problem: nesting deeper than
+    :data:`~tirelib.serve.limits.MAX_JSON_DEPTH` (refused before parsing), bytes that are not
+    UTF-8, unpaired surrogate escapes, malformed JSON.
+    """
     if not raw.strip():
         raise DataError("the body is empty; send a JSON object")
+    check_json_depth(raw)
     try:
         return _decoder.decode(raw)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         pass
     try:
-        return json.loads(raw)
-    except (ValueError, RecursionError) as error:  # JSONDecodeError and bad UTF-8 are ValueErrors
-        raise DataError(f"malformed JSON: {error}") from error
+        text = raw.decode("utf-8")  # JSON text is UTF-8 (RFC 8259), whatever json.loads guesses
+    except UnicodeDecodeError as error:
+        raise DataError(
+            f"the body is not valid UTF-8: byte 0x{raw[error.start]:02x} at position "
+            f"{error.start:,} ({error.reason}); send JSON as UTF-8 text"
+        ) from error
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError) as error:
+        raise DataError(f"malformed JSON: {shorten(str(error), 200)}") from error
+    try:  # the standard parser keeps an unpaired "\\ud800" that no answer could carry
+        msgspec.json.encode(value)
+    except UnicodeEncodeError as error:
+        raise DataError(
+            f"a string holds an unpaired UTF-16 surrogate escape "
+            f"({error.object[error.start]!r}); JSON strings must be valid Unicode"
+        ) from error
+    return value
 
 
 def parse_body(raw: bytes, model: type[BodyT]) -> BodyT:
@@ -277,7 +299,7 @@ def parse_body(raw: bytes, model: type[BodyT]) -> BodyT:
     except ValidationError as error:
         problems = []
         for item in error.errors(include_url=False, include_input=False):
-            message = str(item["msg"]).removeprefix("Value error, ")
-            where = ".".join(str(part) for part in item["loc"])
+            message = shorten(str(item["msg"]).removeprefix("Value error, "), 300)
+            where = ".".join(clip(str(part), 40) for part in item["loc"])
             problems.append(f"{where}: {message}" if where else message)
         raise DataError("; ".join(problems[:5])) from error

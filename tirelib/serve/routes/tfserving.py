@@ -33,6 +33,7 @@ from tirelib.serve.inputs import (
     from_examples,
     from_instances,
 )
+from tirelib.serve.limits import excerpt
 from tirelib.serve.model import ServedModel, VersionState
 from tirelib.serve.schemas import (
     ClassifyRequest,
@@ -232,7 +233,7 @@ def build_router(name: str) -> APIRouter:
             found: list[Located] = []
             for i, item in enumerate(file):
                 label = item.filename or f"file[{i}]"
-                found.append((f"file {label!r}", await item.read()))
+                found.append((f"file {excerpt(label)}", await item.read()))
             images = await prepare_images(state, model, lambda: found)
         probabilities = await predict_images(state, model, images)
         results = [

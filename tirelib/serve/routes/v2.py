@@ -26,6 +26,7 @@ from tirelib.serve.deps import (
     select_model,
 )
 from tirelib.serve.inputs import BYTES_INPUT, FLOAT_INPUT, Located, from_v2_tensor
+from tirelib.serve.limits import excerpt
 from tirelib.serve.model import ServedModel
 from tirelib.serve.schemas import (
     V2InferRequest,
@@ -106,7 +107,8 @@ def build_router(name: str) -> APIRouter:
             wanted = [o.name for o in body.outputs] if body.outputs else list(OUTPUTS)
             unknown = sorted(set(wanted) - set(OUTPUTS))
             if unknown:
-                raise DataError(f"unknown outputs {unknown}; this model gives {list(OUTPUTS)}")
+                named = ", ".join(excerpt(name, 40) for name in unknown[:5])
+                raise DataError(f"unknown outputs [{named}]; this model gives {list(OUTPUTS)}")
             tensor = body.inputs[0]
 
             def find() -> list[Located]:
