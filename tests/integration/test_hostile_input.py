@@ -736,7 +736,13 @@ def test_a_malformed_request_line_is_answered_in_json(server: str) -> None:
 # --- property-based: generated hostile bodies on every JSON route ---------------------------
 
 
-@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,  # the same bodies on every run
+    database=None,
+    suppress_health_check=list(HealthCheck),
+)
 @given(route=st.sampled_from(JSON_ROUTES), data=st.data())
 def test_generated_hostile_bodies_are_never_a_5xx(server: str, route: str, data: Any) -> None:
     body = data.draw(hostile_bodies(route_kind(route)), label="body")

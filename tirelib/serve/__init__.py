@@ -2,9 +2,10 @@
 
 ``tirelib serve`` runs :func:`create_app` under uvicorn. Layout: :mod:`.config` (settings),
 :mod:`.model` (load, warm up, swap, watch the alias), :mod:`.batching` (dynamic batching),
-:mod:`.inputs` (request payloads to tensors), :mod:`.schemas` (bodies), :mod:`.metrics`
-(Prometheus), :mod:`.routes` (one module per protocol), :mod:`.client` (a REST client and the
-evaluation of a served model).
+:mod:`.inputs` (request payloads to tensors), :mod:`.schemas` (bodies), :mod:`.limits` (what
+is refused before any work: nesting depth, header caps, excerpts in errors), :mod:`.protocol`
+(uvicorn's h11 with a deadline on request heads), :mod:`.metrics` (Prometheus), :mod:`.routes`
+(one module per protocol), :mod:`.client` (a REST client and the evaluation of a served model).
 """
 
 from __future__ import annotations
