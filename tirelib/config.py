@@ -37,8 +37,15 @@ from tirelib.models import ALIASES, get_spec, list_models, resolve_name
 
 log = logging.getLogger(__name__)
 
-# A dataset version (and label) name: the data lake's folders, checked by tirelib.data too.
-VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+# Dataset version and label names: the data lake's folders, checked by tirelib.data too. A name
+# is matched whole (re.fullmatch: with re.match, "$" also matches before a trailing newline) and
+# its length is bounded, so every key raw/<version>/<label>/<file> stays within S3's 1,024
+# bytes. The patterns carry the bounds, so the DAG's params and the README derive them.
+MAX_VERSION_LENGTH = 128
+MAX_LABEL_LENGTH = 64
+NAME_RULE = "letters, digits, '.', '_' and '-', starting with a letter or digit"
+VERSION_PATTERN = rf"^[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_VERSION_LENGTH - 1}}}$"
+LABEL_PATTERN = rf"^[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_LABEL_LENGTH - 1}}}$"
 DEFAULT_MODEL_TYPE = "cnn"
 Optimizer = Literal["adam", "adamw", "sgd", "rmsprop"]
 Scheduler = Literal["none", "cosine", "step", "plateau"]
@@ -53,6 +60,16 @@ MAX_SWEEP_JOBS = 32
 SWEEP_ID_TAG = "tire.sweep_id"
 SWEEP_INDEX_TAG = "tire.sweep_index"
 SWEEP_SIZE_TAG = "tire.sweep_size"
+
+
+def name_problem(value: str, what: str = "version") -> str | None:
+    """Why ``value`` is not a valid version (``what="label"``: label) name; None when it is."""
+    label = what == "label"
+    if re.fullmatch(LABEL_PATTERN if label else VERSION_PATTERN, value):
+        return None
+    limit = MAX_LABEL_LENGTH if label else MAX_VERSION_LENGTH
+    shown = repr(value) if len(value) <= 80 else f"{value[:40]!r}... ({len(value)} characters)"
+    return f"invalid {what} name {shown}: use {NAME_RULE}, at most {limit} characters"
 
 
 # --- hyperparameters -----------------------------------------------------------------------
@@ -122,11 +139,9 @@ class TrainConfig(Hyperparameters):
     @field_validator("dataset_version")
     @classmethod
     def _version(cls, value: str) -> str:
-        if not re.match(VERSION_PATTERN, value):
-            raise ValueError(
-                f"invalid version name {value!r}: use letters, digits, '.', '_' and '-', "
-                "starting with a letter or digit"
-            )
+        problem = name_problem(value)
+        if problem:
+            raise ValueError(problem)
         return value
 
     @field_validator("model_type")
@@ -668,7 +683,11 @@ __all__ = [
     "DEFAULT_MODEL_TYPE",
     "GATE_METRICS",
     "HYPERPARAMETERS",
+    "LABEL_PATTERN",
+    "MAX_LABEL_LENGTH",
     "MAX_SWEEP_JOBS",
+    "MAX_VERSION_LENGTH",
+    "NAME_RULE",
     "OPTIMIZERS",
     "SCHEDULERS",
     "SWEEP_ID_TAG",
@@ -686,6 +705,7 @@ __all__ = [
     "field_schema",
     "load_config_file",
     "make_config",
+    "name_problem",
     "option_help",
     "param_kwargs",
     "parse_pipeline_params",

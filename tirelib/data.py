@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import re
 import threading
 from collections import Counter
@@ -26,8 +27,14 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from tirelib.config import VERSION_PATTERN
-from tirelib.errors import DataError, VersionExistsError
+from tirelib.config import (
+    MAX_LABEL_LENGTH,
+    MAX_VERSION_LENGTH,
+    NAME_RULE,
+    VERSION_PATTERN,
+    name_problem,
+)
+from tirelib.errors import DataError, UploadInterrupted, VersionExistsError
 from tirelib.progress import progress_bar
 from tirelib.settings import get_settings
 from tirelib.storage import (
@@ -58,12 +65,14 @@ _CONTENT_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpe
 
 
 def validate_name(value: str, what: str = "version") -> str:
-    """Return ``value`` when it is a valid version or label name, else raise :class:`DataError`."""
-    if not NAME_RE.match(value):
-        raise DataError(
-            f"invalid {what} name {value!r}: use letters, digits, '.', '_' and '-', "
-            "starting with a letter or digit"
-        )
+    """Return ``value`` when it is a valid version or label name, else raise :class:`DataError`.
+
+    The whole name must match (a trailing newline does not), within the length bound of
+    :func:`tirelib.config.name_problem`; the message gives the rule.
+    """
+    problem = name_problem(value, what)
+    if problem:
+        raise DataError(problem)
     return value
 
 
@@ -166,7 +175,10 @@ class LocalImage:
     @classmethod
     def read(cls, path: Path, label: str, name: str) -> LocalImage | Skipped:
         """Hash and decode-check ``path``; a :class:`Skipped` says why it is not usable."""
-        data = path.read_bytes()
+        try:
+            data = path.read_bytes()
+        except OSError as error:  # no permission, an I/O error: report it, read the rest
+            return Skipped(f"{label}/{name}", f"unreadable ({error.strerror or error})")
         reason = check_image(data)
         if reason:
             return Skipped(f"{label}/{name}", reason)
@@ -186,22 +198,85 @@ class Candidate:
     name: str
 
 
+# S3's limit on a key's length, in UTF-8 bytes.
+S3_MAX_KEY_BYTES = 1024
+
+
+def _shown(path: str) -> str:
+    """``path`` printable and valid in JSON: a byte that is not UTF-8 is shown as ``\\xff``."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _file_name_problem(label: str, name: str) -> str | None:
+    """Why ``name`` cannot be a file's name below ``label`` in the lake, or None."""
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:  # a byte of the file system's name that is not UTF-8
+        return "file name is not valid UTF-8 (an S3 key must be): rename the file"
+    longest = len(raw_prefix("v" * MAX_VERSION_LENGTH)) + len(label) + 1 + size
+    if longest > S3_MAX_KEY_BYTES:
+        return f"file name too long for an S3 key ({size} bytes): shorten it or its folders"
+    return None
+
+
+def _walk(top: Path) -> list[tuple[Path, str | None]]:
+    """Every entry below ``top`` that is not a folder, sorted, with why it cannot be uploaded
+    (None: a regular file). A folder that cannot be listed is an entry of its own."""
+    found: list[tuple[Path, str | None]] = []
+
+    def unreadable(error: OSError) -> None:
+        where = Path(error.filename) if error.filename else top
+        reason = f"folder unreadable ({error.strerror or error}): its files are left out"
+        found.append((where, reason))
+
+    for folder, _, names in os.walk(top, onerror=unreadable):
+        for name in names:
+            path = Path(folder, name)
+            try:
+                if path.is_file():
+                    found.append((path, None))
+                elif path.is_symlink() and not path.exists():
+                    found.append((path, "broken symbolic link"))
+                else:  # a FIFO, a socket, a device: reading it could block or mean nothing
+                    found.append((path, "not a regular file"))
+            except OSError as error:
+                found.append((path, f"unreadable ({error.strerror or error})"))
+    return sorted(found, key=lambda item: item[0])
+
+
 def scan_folder(root: Path) -> tuple[list[Candidate], list[Skipped]]:
-    """Files below ``root/<label>/``; hidden files are skipped with a reason."""
+    """Files below ``root/<label>/``; what cannot be uploaded is skipped with a reason.
+
+    Nothing vanishes in silence: hidden files, files that are not regular (a FIFO, a broken
+    link), names that are not UTF-8 or too long for an S3 key, and folders that cannot be read
+    are each reported, before anything is read or sent.
+    """
     candidates: list[Candidate] = []
     skipped: list[Skipped] = []
-    label_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    try:
+        entries = sorted(root.iterdir())
+    except OSError as error:
+        raise DataError(f"cannot read the folder {root}: {error.strerror or error}") from error
+    label_dirs = [p for p in entries if p.is_dir() and not p.name.startswith(".")]
     if not label_dirs:
         raise DataError(
             f"{root} has no class folders: expected one folder per label (good/, defective/, ...)"
         )
     for label_dir in label_dirs:
         label = validate_name(label_dir.name, "label")
-        for path in sorted(p for p in label_dir.rglob("*") if p.is_file()):
-            if _is_hidden(path, root):
-                skipped.append(Skipped(path.relative_to(root).as_posix(), "hidden file"))
-                continue
-            candidates.append(Candidate(path, label, path.relative_to(label_dir).as_posix()))
+        for path, problem in _walk(label_dir):
+            shown = _shown(path.relative_to(root).as_posix())
+            name = path.relative_to(label_dir).as_posix()
+            if problem and path.is_dir():  # a folder that could not be listed
+                skipped.append(Skipped(f"{shown}/", problem))
+            elif problem:
+                skipped.append(Skipped(shown, problem))
+            elif _is_hidden(path, root):
+                skipped.append(Skipped(shown, "hidden file"))
+            elif reason := _file_name_problem(label, name):
+                skipped.append(Skipped(shown, reason))
+            else:
+                candidates.append(Candidate(path, label, name))
     return candidates, skipped
 
 
@@ -234,6 +309,8 @@ def scan_annotation(path: Path) -> tuple[list[Candidate], list[Skipped]]:
             source = path.parent / source
         if source.name.startswith("."):
             skipped.append(Skipped(file_path, "hidden file"))
+        elif reason := _file_name_problem(label, source.name):
+            skipped.append(Skipped(_shown(file_path), reason))
         elif not source.is_file():
             skipped.append(Skipped(file_path, "file not found"))
         else:
@@ -364,7 +441,13 @@ def upload_version(
 
     def send(record: Record, image: LocalImage) -> None:
         content_type = _CONTENT_TYPES.get(image.path.suffix.lower(), "application/octet-stream")
-        data = image.path.read_bytes()
+        try:
+            data = image.path.read_bytes()
+        except OSError as error:
+            raise DataError(
+                f"cannot read {image.path} any more ({error.strerror or error}); it was "
+                "readable when the upload began: fix it and upload again (what was sent stays)"
+            ) from error
         if hashlib.sha256(data).hexdigest() != record.sha256:
             raise DataError(f"{image.path} changed while it was being uploaded; upload again")
         store.put_bytes(record.key, data, content_type)
@@ -375,9 +458,26 @@ def upload_version(
             total=len(todo), desc=f"upload {version}", unit="img", enabled=progress
         ) as bar,
     ):
-        for future in as_completed([pool.submit(send, r, i) for r, i in todo]):
-            future.result()
-            bar.update()
+        futures = [pool.submit(send, r, i) for r, i in todo]
+        try:
+            for future in as_completed(futures):
+                future.result()
+                bar.update()
+        except BaseException as error:
+            # Stop now: files not started are cancelled, the few under way finish. Without
+            # this, leaving the pool would wait for every remaining file to be sent.
+            pool.shutdown(wait=True, cancel_futures=True)
+            sent = sum(f.done() and not f.cancelled() and f.exception() is None for f in futures)
+            already = len(records) - len(todo)
+            before = f" ({already} were there before)" if already else ""
+            stopped = f"sent {sent} of {len(todo)} files of version {version}{before}"
+            if isinstance(error, KeyboardInterrupt):
+                raise UploadInterrupted(
+                    f"{stopped}; no manifest was written, so the version is not complete. "
+                    "Run the same upload again to send the rest."
+                ) from None
+            log.warning("upload stopped: %s", stopped)
+            raise
     store.put_json(manifest_key(version), manifest.to_json())
     log.info(
         "uploaded version %s: %d sent, %d already there",
@@ -647,8 +747,8 @@ def _object_problem(relative: str, size: int) -> str | None:
         return "not in a label folder (raw/<version>/<label>/<file>)"
     if any(part.startswith(".") for part in parts):
         return "hidden file"
-    if not NAME_RE.match(parts[0]):
-        return "label folder name not allowed (letters, digits, '.', '_', '-')"
+    if name_problem(parts[0], "label"):
+        return f"label folder name not allowed ({NAME_RULE}, at most {MAX_LABEL_LENGTH})"
     if size == 0:
         return "zero-byte file"
     return None

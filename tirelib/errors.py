@@ -31,6 +31,10 @@ class VersionExistsError(DataError):
     """A dataset version already exists with different content."""
 
 
+class ImageTooLargeError(DataError):
+    """An image, or a request's images together, hold more pixels than the budget allows."""
+
+
 class StorageError(TirelibError):
     """The object store refused a request (access denied, no such bucket, ...)."""
 
@@ -73,6 +77,14 @@ class DatabaseUnavailableError(ServiceUnavailableError):
     """PostgreSQL could not be reached (the registry's lock, the MLflow backend)."""
 
     service = "PostgreSQL"
+
+
+class UploadInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped an upload; the message says how many files were sent.
+
+    Still a :class:`KeyboardInterrupt`, so whatever handles an interrupt handles this one; the
+    CLI prints the message and exits 130. The next upload of the version resumes it.
+    """
 
 
 # S3 error codes that mean "slow down" or "try later", whatever the HTTP status says.

@@ -308,6 +308,30 @@ def test_the_cli_compares_and_promotes(world: World, reg: Settings) -> None:
     assert "fails the gate (metric drop)" in shown.output
 
 
+def test_a_script_tells_promoted_from_refused_by_the_exit_status(
+    world: World, reg: Settings
+) -> None:
+    champion = register(reg, world.defective)
+    challenger = register(reg, world.good)
+    no_floors = ["--min-accuracy", "0", "--min-f1", "0", "--metric", "f1"]
+    promoted = _cli("registry", "produce", "--version", champion, *no_floors)
+    assert promoted.returncode == 0, promoted.stderr[-2000:]
+    again = _cli("registry", "produce", "--version", champion, *no_floors)
+    assert again.returncode == 0, again.stderr[-2000:]  # production is that version already
+    assert "already the production version" in again.stdout
+
+    for extra in [[], ["--json"]]:
+        refused = _cli("registry", "produce", "--version", challenger, *no_floors, *extra)
+        assert refused.returncode == 1, refused.stdout + refused.stderr[-2000:]
+        assert "Traceback" not in refused.stderr
+        assert "not promoted" in refused.stdout
+    assert aliases(reg)[PRODUCTION] == champion
+    # A run below the floors is not registered: status 1 too.
+    below = _cli("registry", "register", "--run-id", world.good, "--min-accuracy", "0.99")
+    assert below.returncode == 1, below.stdout + below.stderr[-2000:]
+    assert "was not registered" in below.stdout
+
+
 def test_the_full_life_cycle_of_a_trained_model(world: World, reg: Settings) -> None:
     metrics = client(reg).get_run(world.trained).data.metrics
     # Just below the run's own scores, so the fresh evaluation on the same split passes too.

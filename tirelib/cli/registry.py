@@ -1,7 +1,8 @@
 """``tirelib registry ...``: register, compare, stage, produce, info, history, rollback.
 
-Each command is one call into :mod:`tirelib.registry`. A refused registration or promotion is
-an answer, not an error: it exits 0 and says why (``--json`` carries ``metric_drop``).
+Each command is one call into :mod:`tirelib.registry`. A registration or promotion the gate
+refuses is an answer, not an error: it says why and exits 1 (``ExitCode.REFUSED``), so a script
+tells "promoted" from "refused" by the status; ``--json`` carries ``metric_drop`` too.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from tirelib.cli.exit_codes import ExitCode
 from tirelib.config import GATE_METRICS, PipelineParams, Thresholds, option_help
 from tirelib.settings import get_settings
 
@@ -93,15 +95,20 @@ def register(
     max_loss: MaxLoss = None,
     as_json: Json = False,
 ) -> None:
-    """Register a run's model as a new version if its test metrics meet the floors."""
+    """Register a run's model as a new version if its test metrics meet the floors.
+
+    Exit status 1 when they do not (nothing is registered).
+    """
     from tirelib.registry import register_run
 
     thresholds = _thresholds(min_accuracy, min_f1, min_precision, min_recall, max_loss)
     result = register_run(get_settings(), run_id, thresholds=thresholds)
     if as_json:
         _echo_json(result.summary())
-        return
-    typer.echo(result.describe())
+    else:
+        typer.echo(result.describe())
+    if result.metric_drop:
+        raise typer.Exit(ExitCode.REFUSED)
 
 
 def compare(
@@ -193,7 +200,11 @@ def produce(
     max_loss: MaxLoss = None,
     as_json: Json = False,
 ) -> None:
-    """Promote the staging version to `production` if it beats the current one."""
+    """Promote the staging version to `production` if it beats the current one.
+
+    Exit status 0 when production is that version (promoted now, or it already was), 1 when
+    the gate refused it.
+    """
     from tirelib.registry import produce as run_produce
 
     thresholds = _thresholds(min_accuracy, min_f1, min_precision, min_recall, max_loss, margin)
@@ -202,10 +213,12 @@ def produce(
     )
     if as_json:
         _echo_json(result.summary())
-        return
-    if result.comparison is not None:
-        _echo_comparison(result.comparison.summary())
-    typer.echo(result.describe())
+    else:
+        if result.comparison is not None:
+            _echo_comparison(result.comparison.summary())
+        typer.echo(result.describe())
+    if result.metric_drop:
+        raise typer.Exit(ExitCode.REFUSED)
 
 
 def rollback(as_json: Json = False) -> None:
