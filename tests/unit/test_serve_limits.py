@@ -7,7 +7,9 @@ import json
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from typer.testing import CliRunner
 
+from tirelib.cli import app as cli
 from tirelib.errors import DataError
 from tirelib.serve.limits import (
     EXCERPT_CHARS,
@@ -86,3 +88,10 @@ def test_too_many_or_too_large_headers_are_a_json_431() -> None:
         assert large.status_code == 431
         assert "at most 2,048 are accepted" in large.json()["error"]
         assert client.get("/").status_code == 200
+
+
+def test_the_serve_command_takes_the_head_limits() -> None:
+    result = CliRunner().invoke(cli, ["serve", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    for option in ("--header-timeout", "--max-header-bytes", "--max-headers"):
+        assert option in result.output
