@@ -17,10 +17,62 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.nn import functional
 
-from tirelib.errors import DataError
+from tirelib.errors import DataError, ImageTooLargeError
 
 # Guard against decompression bombs and absurd inputs before any pixel is decoded.
 MAX_IMAGE_PIXELS = 4096 * 4096
+# Pillow's modes of 16-bit grayscale (PNG, TIFF): values up to 65535, which convert("RGB") clips
+# at 255. Pillow reads 16-bit RGB(A) PNGs as 8-bit RGB(A) already, correctly scaled.
+SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+_NOT_AN_IMAGE = "not an image: the bytes are no known image format (JPEG, PNG, …)"
+
+
+def _declared_size(data: bytes) -> tuple[int, int] | None:
+    """The size an image's header declares, read without Pillow's decompression bomb check
+    (which refuses to open the image at all): only for saying what was refused."""
+    Image.init()
+    for name in Image.ID:
+        factory, accept = Image.OPEN[name]
+        accepted = accept is None or accept(data[:16])
+        if not accepted or isinstance(accepted, str):  # a str: Pillow's warning, not a match
+            continue
+        try:
+            with factory(io.BytesIO(data), "") as image:
+                return image.size
+        except (OSError, SyntaxError, ValueError, IndexError, TypeError):
+            continue
+    return None
+
+
+def open_image(
+    data: bytes, *, draft: int | None = None, max_pixels: int = MAX_IMAGE_PIXELS
+) -> tuple[Image.Image, tuple[int, int]]:
+    """The image in ``data`` opened lazily (its header read, no pixel decoded), and the size its
+    header declares.
+
+    With ``draft``, a JPEG is set to decode at the smallest of its reduced scales (1/2, 1/4, 1/8)
+    that keeps both sides at least ``draft`` pixels; ``image.size`` is then the size it decodes
+    at, a fraction of the declared one. Raises :class:`DataError` when the bytes are no image and
+    :class:`ImageTooLargeError` for a decompression bomb (a header declaring more pixels than
+    Pillow decodes), naming the declared size and ``max_pixels``, the most allowed.
+    """
+    if not data:
+        raise DataError("empty image: zero bytes")
+    try:
+        image = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        size = _declared_size(data)
+        what = f"{size[0]}x{size[1]} pixels ({size[0] * size[1]:,})" if size else str(error)
+        raise ImageTooLargeError(
+            f"the image's header declares {what}, over the budget of {max_pixels:,} pixels "
+            "per image; it was not decoded"
+        ) from error
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise DataError(_NOT_AN_IMAGE) from error
+    declared = image.size
+    if draft is not None and image.format == "JPEG":
+        image.draft("RGB", (draft, draft))
+    return image, declared
 
 
 @dataclass(frozen=True)
@@ -52,6 +104,11 @@ class Preprocessing:
         return (resized - mean) / std
 
     def from_pil(self, image: Image.Image) -> torch.Tensor:
+        if image.mode in SIXTEEN_BIT_MODES:
+            # 16-bit grayscale: scaled to [0, 1] by its own range, not clipped at 255.
+            gray = np.asarray(image, dtype=np.float32) / 65535.0
+            chw = torch.from_numpy(np.clip(gray, 0.0, 1.0, out=gray)).expand(3, -1, -1)
+            return self._finish(chw)
         rgb = image.convert("RGB")
         array = np.asarray(rgb, dtype=np.uint8)
         chw = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
@@ -59,23 +116,29 @@ class Preprocessing:
 
     __call__ = from_pil
 
-    def from_bytes(self, data: bytes) -> torch.Tensor:
-        """Decode a JPEG/PNG/... image; a clear DataError when the bytes are not one."""
-        if not data:
-            raise DataError("empty image: zero bytes")
+    def from_bytes(self, data: bytes, *, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor:
+        """Decode a JPEG/PNG/... image; a clear DataError when the bytes are not one.
+
+        A large JPEG decodes at reduced size (see :func:`open_image`); an image that decodes to
+        more than ``max_pixels`` is refused with :class:`ImageTooLargeError` before decoding.
+        """
+        image, declared = open_image(data, draft=self.image_size, max_pixels=max_pixels)
+        with image:
+            if image.width * image.height > max_pixels:
+                raise ImageTooLargeError(
+                    f"image of {declared[0]}x{declared[1]} pixels is too large "
+                    f"(decodes to {image.width * image.height:,} pixels, at most "
+                    f"{max_pixels:,} are allowed)"
+                )
+            return self.decode(image)
+
+    def decode(self, image: Image.Image) -> torch.Tensor:
+        """An image from :func:`open_image`, decoded now, resized and normalised."""
         try:
-            with Image.open(io.BytesIO(data)) as image:
-                if image.width * image.height > MAX_IMAGE_PIXELS:
-                    raise DataError(
-                        f"image of {image.width}x{image.height} pixels is too large "
-                        f"(at most {MAX_IMAGE_PIXELS} pixels)"
-                    )
-                image.load()
-                return self.from_pil(image)
-        except UnidentifiedImageError as error:
-            raise DataError("not an image: the bytes are no known image format") from error
+            image.load()
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
             raise DataError(f"image could not be decoded: {error}") from error
+        return self.from_pil(image)
 
     def from_array(self, value: Any) -> torch.Tensor:
         """An HWC image (nested lists or an array) of floats in [0, 1], any height and width.

@@ -28,9 +28,19 @@ def serve(
     max_wait_ms: Annotated[float | None, typer.Option(help=_help("max_wait_ms"))] = None,
     max_instances: Annotated[int | None, typer.Option(help=_help("max_instances"))] = None,
     max_body_bytes: Annotated[int | None, typer.Option(help=_help("max_body_bytes"))] = None,
-    header_timeout: Annotated[float | None, typer.Option(help=_help("header_timeout_s"))] = None,
-    max_header_bytes: Annotated[int | None, typer.Option(help=_help("max_header_bytes"))] = None,
-    max_headers: Annotated[int | None, typer.Option(help=_help("max_headers"))] = None,
+    image_budget_factor: Annotated[
+        float | None, typer.Option(help=_help("image_budget_factor"))
+    ] = None,
+    min_image_budget: Annotated[int | None, typer.Option(help=_help("min_image_budget"))] = None,
+    request_budget_images: Annotated[
+        int | None, typer.Option(help=_help("request_budget_images"))
+    ] = None,
+    decode_budget_images: Annotated[
+        int | None, typer.Option(help=_help("decode_budget_images"))
+    ] = None,
+    decode_queue_images: Annotated[
+        int | None, typer.Option(help=_help("decode_queue_images"))
+    ] = None,
     threads: Annotated[int | None, typer.Option(help=_help("num_threads"))] = None,
     device: Annotated[str | None, typer.Option(help=_help("device"))] = None,
     access_log: Annotated[bool, typer.Option(help="Log every request.")] = False,
@@ -42,7 +52,6 @@ def serve(
     import uvicorn
 
     from tirelib.serve import create_app, load_serve_config
-    from tirelib.serve.protocol import server_options
 
     config = load_serve_config(
         model_uri=model_uri,
@@ -54,9 +63,11 @@ def serve(
         max_wait_ms=max_wait_ms,
         max_instances=max_instances,
         max_body_bytes=max_body_bytes,
-        header_timeout_s=header_timeout,
-        max_header_bytes=max_header_bytes,
-        max_headers=max_headers,
+        image_budget_factor=image_budget_factor,
+        min_image_budget=min_image_budget,
+        request_budget_images=request_budget_images,
+        decode_budget_images=decode_budget_images,
+        decode_queue_images=decode_queue_images,
         num_threads=threads,
         device=device,
     )
@@ -70,5 +81,4 @@ def serve(
         access_log=access_log,
         server_header=False,
         timeout_graceful_shutdown=30,
-        **server_options(config),  # h11 with a deadline and caps on request heads
     )

@@ -4,7 +4,8 @@ The model is loaded in the lifespan (startup waits for the first load, bounded b
 ``startup_timeout_s``; without a model the server answers ``/readyz`` with 503 and keeps trying),
 the alias is watched from a background thread, and inference runs in a dynamic batcher's worker
 thread. Every error is ``{"error": "..."}``: 400 for a bad request, 404 for an unknown version,
-413 for a body too large, 503 while no model is loaded.
+413 for a body too large or images over their pixel budget, 503 while no model is loaded or while
+too many images wait to be decoded.
 """
 
 from __future__ import annotations
@@ -24,12 +25,12 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import tirelib
-from tirelib.errors import DataError
+from tirelib.errors import DataError, ImageTooLargeError
 from tirelib.serve.batching import DynamicBatcher
 from tirelib.serve.config import ServeConfig, load_serve_config
+from tirelib.serve.decoding import DecodeGate, PixelLimits
 from tirelib.serve.deps import ServeState, json_response, register_convertors
 from tirelib.serve.inputs import Limits
-from tirelib.serve.limits import HeaderLimitMiddleware, clip, shorten
 from tirelib.serve.metrics import HttpMetricsMiddleware, ServeMetrics
 from tirelib.serve.model import (
     ModelHolder,
@@ -102,7 +103,7 @@ class BodyLimitMiddleware:
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
-    response = json_response({"error": shorten(message)}, status)
+    response = json_response({"error": message}, status)
     if headers:
         response.headers.update(headers)
     return response
@@ -112,11 +113,15 @@ async def _data_error(request: Request, error: Exception) -> Response:
     return _error(400, str(error))
 
 
+async def _too_large(request: Request, error: Exception) -> Response:
+    return _error(413, str(error))
+
+
 async def _validation_error(request: Request, error: Exception) -> Response:
     assert isinstance(error, RequestValidationError)
     problems = []
     for item in error.errors():
-        where = ".".join(clip(str(part), 40) for part in item.get("loc", ())) or "request"
+        where = ".".join(str(part) for part in item.get("loc", ())) or "request"
         problems.append(f"{where}: {item.get('msg', 'invalid')}")
     return _error(400, "; ".join(problems[:5]) or "invalid request")
 
@@ -125,9 +130,9 @@ async def _http_error(request: Request, error: Exception) -> Response:
     assert isinstance(error, HTTPException)
     message = str(error.detail)
     if error.status_code == 404 and message == "Not Found":
-        message = f"no such endpoint: {request.method} {clip(request.url.path)} (see /docs)"
+        message = f"no such endpoint: {request.method} {request.url.path} (see /docs)"
     elif error.status_code == 405:
-        message = f"method {request.method} is not allowed on {clip(request.url.path)}"
+        message = f"method {request.method} is not allowed on {request.url.path}"
     return _error(error.status_code, message, dict(error.headers or {}))
 
 
@@ -209,6 +214,8 @@ def create_app(
             batcher=batcher,
             metrics=metrics,
             limits=Limits(config.max_instances, config.max_image_side),
+            pixels=PixelLimits.from_config(config),
+            gate=DecodeGate(config.decode_budget_images, config.decode_queue_images),
         )
         try:
             yield
@@ -226,15 +233,11 @@ def create_app(
     app.include_router(tfserving.build_router(config.name))
     app.include_router(v2.build_router(config.name))
     app.add_exception_handler(DataError, _data_error)
+    app.add_exception_handler(ImageTooLargeError, _too_large)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
-    app.add_middleware(
-        HeaderLimitMiddleware,
-        max_headers=config.max_headers,
-        max_header_bytes=config.max_header_bytes,
-    )
     app.add_middleware(HttpMetricsMiddleware, metrics=metrics)  # outermost: counts the 413s too
     app.openapi = functools.partial(_openapi, app)  # type: ignore[method-assign]
     return app

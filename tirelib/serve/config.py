@@ -50,29 +50,54 @@ class ServeConfig(BaseSettings):
     max_body_bytes: int = Field(
         default=64 * 2**20, ge=1024, description="Largest request body accepted, bytes."
     )
-    header_timeout_s: float = Field(
-        default=10.0,
-        gt=0,
-        le=3600,
-        description=(
-            "Seconds a client has to send a request's line and headers; a slower one gets 408 "
-            "and is disconnected."
-        ),
-    )
-    max_header_bytes: int = Field(
-        default=16 * 1024,
-        ge=1024,
-        le=512 * 1024,
-        description="Largest request line and headers, bytes; a larger head gets 431.",
-    )
-    max_headers: int = Field(
-        default=100, ge=1, le=10_000, description="Most header fields in a request; more get 431."
-    )
     max_instances: int = Field(
         default=256, ge=1, le=100_000, description="Most images in one request."
     )
     max_image_side: int = Field(
         default=4096, ge=1, le=16384, description="Largest image height or width, pixels."
+    )
+    image_budget_factor: float = Field(
+        default=64,
+        ge=1,
+        le=65536,
+        description=(
+            "Decoded pixels allowed in one image, in multiples of the model's input area "
+            "(64 x 224 x 224 = 3.2 million); never below min_image_budget, never above "
+            "max_image_side squared or 4096 x 4096. A large JPEG counts at the reduced size it "
+            "decodes at (1/2, 1/4 or 1/8, still covering the input size)."
+        ),
+    )
+    min_image_budget: int = Field(
+        default=2048 * 2048,
+        ge=1,
+        description="Least pixel budget of one image, whatever the model's input (2048 x 2048).",
+    )
+    request_budget_images: int = Field(
+        default=8,
+        ge=1,
+        le=1024,
+        description=(
+            "Decoded pixels allowed in one request, all its images together, in multiples of "
+            "the per-image budget."
+        ),
+    )
+    decode_budget_images: int = Field(
+        default=4,
+        ge=1,
+        le=1024,
+        description=(
+            "Pixels decoded at once in the whole server, in multiples of the per-image budget; "
+            "a request that does not fit waits its turn (a small one never waits)."
+        ),
+    )
+    decode_queue_images: int = Field(
+        default=32,
+        ge=0,
+        le=100_000,
+        description=(
+            "Pixels allowed to wait for decoding, in multiples of the per-image budget; "
+            "beyond it a request is answered 503 with Retry-After."
+        ),
     )
     num_threads: int | None = Field(
         default=None, ge=1, le=1024, description="Torch intra-op threads; default: every CPU."

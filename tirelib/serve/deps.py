@@ -21,8 +21,8 @@ from starlette.convertors import CONVERTOR_TYPES, Convertor, register_url_conver
 from tirelib.errors import DataError
 from tirelib.serve.batching import DynamicBatcher
 from tirelib.serve.config import ServeConfig
-from tirelib.serve.inputs import Limits, Located, preprocess
-from tirelib.serve.limits import clip, excerpt
+from tirelib.serve.decoding import Admitted, DecodeGate, DecodeQueueFull, PixelLimits, admit
+from tirelib.serve.inputs import Limits, Located
 from tirelib.serve.metrics import ServeMetrics
 from tirelib.serve.model import ModelHolder, ServedModel
 from tirelib.serve.schemas import ErrorBody, parse_body
@@ -33,8 +33,14 @@ BodyT = TypeVar("BodyT", bound=BaseModel)
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody, "description": "The request is malformed; the error says how."},
     404: {"model": ErrorBody, "description": "No such model version or label."},
-    413: {"model": ErrorBody, "description": "The body is larger than the server accepts."},
-    503: {"model": ErrorBody, "description": "No model is loaded yet."},
+    413: {
+        "model": ErrorBody,
+        "description": "The body, an image or the request's images are over their budget.",
+    },
+    503: {
+        "model": ErrorBody,
+        "description": "No model is loaded yet, or too many images wait to be decoded.",
+    },
 }
 
 
@@ -66,6 +72,8 @@ class ServeState:
     batcher: DynamicBatcher
     metrics: ServeMetrics
     limits: Limits
+    pixels: PixelLimits
+    gate: DecodeGate
 
 
 def request_body(model: type[BaseModel]) -> dict[str, Any]:
@@ -111,14 +119,14 @@ def select_model(
     if version is not None and version != model.version:
         raise HTTPException(
             404,
-            f"Servable not found for request: Specific({name}, {clip(version)}); "
+            f"Servable not found for request: Specific({name}, {version}); "
             f"this server serves version {model.version}",
         )
     if label is not None and label != state.holder.source.alias:
         known = state.holder.source.alias
         raise HTTPException(
             404,
-            f"Servable not found for request: Label({name}, {clip(label)}); "
+            f"Servable not found for request: Label({name}, {label}); "
             + (f"the only label is '{known}'" if known else "this server has no version labels"),
         )
     return model
@@ -127,7 +135,7 @@ def select_model(
 def check_signature(signature_name: str | None) -> None:
     if signature_name not in (None, "", SIGNATURE):
         raise DataError(
-            f"unknown signature_name {excerpt(signature_name)}; this model has only {SIGNATURE!r}"
+            f"unknown signature_name {signature_name!r}; this model has only {SIGNATURE!r}"
         )
 
 
@@ -142,13 +150,23 @@ async def prepare_images(
 ) -> torch.Tensor:
     """``find(*args)`` (the images of a request) preprocessed by ``model``, off the event loop.
 
-    Call it inside ``state.batcher.arriving()``, with :func:`predict_images` right after the block.
+    The images are checked against the pixel budget from their headers first, then decoded
+    when the decode gate has room (see :mod:`tirelib.serve.decoding`). Call it inside
+    ``state.batcher.arriving()``, with :func:`predict_images` right after the block.
     """
+    budget = state.pixels.budget(model.prep.image_size)
 
-    def work() -> torch.Tensor:
-        return preprocess(model.prep, find(*args), state.limits)
+    def inspect() -> Admitted:
+        return admit(model.prep, find(*args), budget, state.limits)
 
-    return await run_in_threadpool(work)
+    admitted = await run_in_threadpool(inspect)
+    try:
+        async with state.gate.hold(admitted.pixels / budget.image):
+            return await run_in_threadpool(admitted.decode)
+    except DecodeQueueFull as error:
+        raise HTTPException(503, str(error), headers={"Retry-After": "1"}) from error
+    finally:
+        admitted.close()
 
 
 async def predict_images(state: ServeState, model: ServedModel, images: torch.Tensor) -> np.ndarray:
