@@ -182,11 +182,17 @@ def _validation_lines(error: ValidationError, model: type[BaseModel]) -> list[st
             lines.append(f"{name}: required")
         elif item["type"] == "extra_forbidden" and allowed:
             lines.append(
-                f"{name}={item.get('input')!r}: unknown key; allowed: {', '.join(allowed)}"
+                f"{name}={_excerpt(item.get('input'))}: unknown key; allowed: {', '.join(allowed)}"
             )
         else:
-            lines.append(f"{name}={item.get('input')!r}: {message}")
+            lines.append(f"{name}={_excerpt(item.get('input'))}: {message}")
     return lines
+
+
+def _excerpt(value: object, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters: a message quotes a value, not a file."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _allowed_keys(model: type[BaseModel], path: Sequence[int | str]) -> list[str]:
@@ -576,7 +582,11 @@ def dag_params(
     model_names = [*list_models(), *ALIASES]
     thresholds = Thresholds.parse(accuracy=min_accuracy, f1=min_f1)
     params: dict[str, dict[str, Any]] = {
-        "dataset_version": param_kwargs(PipelineParams, "dataset_version"),
+        # Airflow checks a Param with jsonschema, which searches with Python's re: there "$"
+        # also matches before a final newline, which the lookahead refuses.
+        "dataset_version": param_kwargs(
+            PipelineParams, "dataset_version", pattern=f"{VERSION_PATTERN}(?!\\n)"
+        ),
         "model_types": param_kwargs(
             PipelineParams,
             "model_types",

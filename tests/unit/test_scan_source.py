@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tirelib.config import MAX_LABEL_LENGTH, MAX_VERSION_LENGTH
+from tirelib.config import MAX_LABEL_LENGTH, MAX_VERSION_LENGTH, dag_params
 from tirelib.data import scan_source, validate_name
 from tirelib.errors import DataError
 
@@ -149,3 +149,21 @@ def test_the_longest_names_allowed_pass() -> None:
     assert validate_name("l" * MAX_LABEL_LENGTH, "label")
     with pytest.raises(DataError, match=f"at most {MAX_LABEL_LENGTH} characters"):
         validate_name("l" * (MAX_LABEL_LENGTH + 1), "label")
+
+
+@pytest.mark.parametrize("name", ["v1", "v" * MAX_VERSION_LENGTH, "v1\n", "v" * 2000, "-v"])
+def test_the_dag_param_accepts_exactly_the_names_the_library_accepts(name: str) -> None:
+    import jsonschema
+
+    schema = {k: v for k, v in dag_params()["dataset_version"].items() if k != "default"}
+    try:
+        validate_name(name)
+        valid = True
+    except DataError:
+        valid = False
+    try:
+        jsonschema.validate(name, schema)  # as Airflow checks a Param
+        accepted = True
+    except jsonschema.ValidationError:
+        accepted = False
+    assert accepted == valid
