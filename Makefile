@@ -34,6 +34,18 @@ $(SYSTEM_STAMP): | $(STAMP)
 	    echo "prometheus is not installed: its test will be skipped (apt-get install prometheus)"; \
 	  fi; \
 	fi
+	@# docker-compose (v1, Debian's) renders docker/compose.yaml in the deployment tests; psql runs
+	@# the PostgreSQL init script of the compose stack in its test.
+	@for tool in docker-compose:docker-compose psql:postgresql-client; do \
+	  if ! command -v "$${tool%%:*}" >/dev/null 2>&1; then \
+	    if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	      apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	        apt-get install -y -qq --no-install-recommends "$${tool#*:}" >/dev/null; \
+	    else \
+	      echo "$${tool%%:*} is not installed: apt-get install $${tool#*:}"; \
+	    fi; \
+	  fi; \
+	done
 	touch $@
 
 system-deps: $(SYSTEM_STAMP)
