@@ -9,6 +9,10 @@ FROM ${AIRFLOW_IMAGE}
 # of the `training` queue build with --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu130
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 
+# Folders the compose stack mounts named volumes on: a new volume takes their owner.
+USER 0
+RUN install -d -o airflow -g root -m 0770 /opt/airflow/auth /opt/airflow/tire
+
 # The image's own user (uid 50000), by name as Airflow's docs write it.
 # hadolint ignore=DL3066
 USER airflow
