@@ -473,6 +473,58 @@ def test_compose_services_wait_on_health_and_have_healthchecks(rendered: dict[st
     assert services["lb"]["ports"]
 
 
+# Runs in a fresh interpreter with its own AIRFLOW_HOME: the options the installed Airflow and its
+# providers describe (the same versions the image pins).
+_KNOWN_OPTIONS = """
+import json, sys
+from airflow.configuration import conf
+asked = json.load(sys.stdin)
+described = conf.configuration_description
+print(json.dumps([[s, k] for s, k in asked if k not in described.get(s, {}).get("options", {})]))
+"""
+
+
+def unknown_airflow_options(options: list[tuple[str, str]], tmp_path: Path) -> list[list[str]]:
+    done = subprocess.run(
+        [sys.executable, "-c", _KNOWN_OPTIONS],
+        input=json.dumps(options),
+        env={"PATH": str(BIN), "AIRFLOW_HOME": str(tmp_path / "airflow"), "HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def airflow_options(rendered: dict[str, Any]) -> list[tuple[str, str]]:
+    """Every ``AIRFLOW__SECTION__KEY`` of the compose services, the Helm values and manifests."""
+    names = set()
+    for service in rendered["services"].values():
+        names.update(v for v in _service_env(service) if v.startswith("AIRFLOW__"))
+    worker = yaml.safe_load((K8S / "airflow-training-worker.yaml").read_text())
+    for container in worker["spec"]["template"]["spec"]["containers"]:
+        names.update(e["name"] for e in container["env"] if e["name"].startswith("AIRFLOW__"))
+    options = {tuple(n.removeprefix("AIRFLOW__").lower().split("__", 1)) for n in names}
+    values = yaml.safe_load(HELM_VALUES.read_text())
+    options.update((s, k) for s, section in values["config"].items() for k in section)
+    return sorted(options)  # type: ignore[arg-type]
+
+
+def test_every_airflow_option_set_is_one_airflow_knows(
+    rendered: dict[str, Any], tmp_path: Path
+) -> None:
+    options = airflow_options(rendered)
+    assert ("celery", "broker_url") in options and ("core", "executor") in options
+    assert unknown_airflow_options(options, tmp_path) == []
+
+
+def test_an_unknown_airflow_option_is_found(tmp_path: Path) -> None:
+    asked = [("scheduler", "enable_health_check"), ("scheduler", "enable_healthcheck")]
+    assert unknown_airflow_options(asked, tmp_path) == [["scheduler", "enable_healthcheck"]]
+
+
 # ---------------------------------------------------------------------------- Kubernetes
 
 
