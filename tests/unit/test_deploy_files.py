@@ -594,6 +594,33 @@ def test_training_workers_take_the_training_queue_on_gpu_nodes() -> None:
     assert pod["nodeSelector"]
 
 
+def probed_paths() -> dict[str, str]:
+    """The server paths the deployment files ask for, by where they are asked."""
+    found = {}
+    text = (DOCKER / "server.Dockerfile").read_text()
+    found["server.Dockerfile HEALTHCHECK"] = re.findall(r"127\.0\.0\.1:8501(/\w+)", text)[0]
+    deployment = yaml.safe_load((K8S / "server" / "deployment.yaml").read_text())
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        found[f"deployment {probe}"] = container[probe]["httpGet"]["path"]
+    prometheus = yaml.safe_load((DOCKER / "prometheus" / "prometheus.yml").read_text())
+    for job in prometheus["scrape_configs"]:
+        if job["job_name"] == "model-server":
+            found["prometheus model-server"] = job.get("metrics_path", "/metrics")
+    return found
+
+
+def test_the_paths_probed_and_scraped_are_routes_of_the_server() -> None:
+    from tirelib.serve import create_app
+
+    app = create_app(ServeConfig(), Settings(_env_file=None))  # type: ignore[call-arg]
+    routes = {getattr(route, "path", None) for route in app.routes}
+    paths = probed_paths()
+    assert set(paths.values()) >= {"/readyz", "/healthz", "/metrics"}
+    missing = {where: path for where, path in paths.items() if path not in routes}
+    assert not missing, f"not routes of the server: {missing}"
+
+
 # ---------------------------------------------------------------------------- CI, Prometheus
 
 
