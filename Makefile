@@ -46,6 +46,19 @@ $(SYSTEM_STAMP): | $(STAMP)
 	    fi; \
 	  fi; \
 	done
+	@# PgPool-II (Debian's pgpool2) for the test that runs MLflow and the registry lock through
+	@# it. The package's own service is stopped and disabled where it started: the stack runs its
+	@# own pgpool on 127.0.0.1 (TIRE_PGPOOL_PORT) with a configuration of its own.
+	@if ! command -v pgpool >/dev/null 2>&1 && [ ! -x /usr/sbin/pgpool ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	      apt-get install -y -qq --no-install-recommends pgpool2 >/dev/null; \
+	    if [ -d /run/systemd/system ]; then systemctl disable --now pgpool2 >/dev/null 2>&1 || true; \
+	    elif [ -e /var/run/postgresql/pgpool.pid ]; then /etc/init.d/pgpool2 stop || true; fi; \
+	  else \
+	    echo "pgpool is not installed: its test will be skipped (apt-get install pgpool2)"; \
+	  fi; \
+	fi
 	touch $@
 
 system-deps: $(SYSTEM_STAMP)

@@ -16,6 +16,7 @@ from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_vali
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tirelib.errors import ConfigurationError
+from tirelib.urls import with_address
 
 # S3's own rule for bucket names, shortened: 3-63 lowercase letters, digits, dots and hyphens.
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
@@ -59,6 +60,12 @@ class Settings(BaseSettings):
     database_url: str | None = Field(
         default=None, description="SQLAlchemy URL of the MLflow backend store (PostgreSQL)."
     )
+    pgpool: bool = Field(
+        default=False,
+        description="Whether `tirelib stack up` puts PgPool in front of TIRE_DATABASE_URL; "
+        "MLflow's backend and the registry lock then connect through it.",
+    )
+    pgpool_port: int = Field(default=9999, ge=1, le=65535, description="Local PgPool's port.")
     slack_webhook_url: SecretStr | None = None
 
     aws_access_key_id: str | None = Field(
@@ -146,6 +153,14 @@ class Settings(BaseSettings):
     @property
     def resolved_cache_dir(self) -> Path:
         return self.cache_dir if self.cache_dir is not None else self.home / "cache"
+
+    @property
+    def client_database_url(self) -> str | None:
+        """The URL clients of ``database_url`` connect to: PgPool's address on 127.0.0.1 when
+        ``pgpool`` is on (same user, password and database), else ``database_url`` itself."""
+        if self.pgpool and self.database_url:
+            return with_address(self.database_url, "127.0.0.1", self.pgpool_port)
+        return self.database_url
 
     @property
     def stack_dir(self) -> Path:

@@ -53,3 +53,13 @@ def libpq_url(url: str) -> str:
 def is_postgresql(url: str | None) -> bool:
     """Whether ``url`` names a PostgreSQL database (any driver)."""
     return bool(url) and str(url).split("://", 1)[0].split("+", 1)[0] in {"postgresql", "postgres"}
+
+
+def with_address(url: str, host: str, port: int) -> str:
+    """``url`` pointed at ``host:port`` instead, keeping its scheme, user, password and path."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise ValueError(f"not a URL with a host: {masked_url(url)!r}")
+    authority, slash, path = rest.partition("/")
+    userinfo, at, _ = authority.rpartition("@")
+    return f"{scheme}://{userinfo}{at}{host}:{port}{slash}{path}"

@@ -3,6 +3,12 @@
 A PostgreSQL advisory lock when ``TIRE_DATABASE_URL`` names PostgreSQL (it spans machines), else
 an ``fcntl`` lock file under ``<home>/locks``. Both are released when the process dies. Nothing
 slow happens under it: models are scored and loaded before it is taken.
+
+Through PgPool (``TIRE_PGPOOL``) the advisory lock stays a session lock: PgPool pools whole
+client sessions, so the lock lives on one backend connection for as long as our connection does,
+and PgPool's ``reset_query_list`` (``ABORT; DISCARD ALL``) releases it before that backend
+connection serves another client; a client that vanishes without closing has its backend
+connection closed.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ def model_lock(settings: Settings, *, timeout: float = LOCK_TIMEOUT_S) -> Iterat
     :class:`DatabaseUnavailableError` (retryable) when PostgreSQL cannot be reached, and
     :class:`ConfigurationError` when it refuses the credentials or the database.
     """
-    url = settings.database_url
+    url = settings.client_database_url  # through PgPool when the stack puts it in front
     if url and is_postgresql(url):
         with _pg_lock(url, settings.model_name, timeout) as what:
             yield what

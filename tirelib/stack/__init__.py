@@ -7,6 +7,7 @@
   file with its start time, stopped by process group, never by name) and :class:`Component`
   (a process plus what happens before it starts and after it answers);
 - :mod:`~tirelib.stack.services`: SeaweedFS's ``weed mini`` and ``mlflow server``;
+- :mod:`~tirelib.stack.pgpool`: PgPool-II in front of the MLflow database (``TIRE_PGPOOL``);
 - :mod:`~tirelib.stack.airflow`: Airflow's configuration, environment, connections and pool;
 - :mod:`~tirelib.stack.stack`: :class:`Stack`, the servers in order.
 
@@ -27,6 +28,13 @@ from tirelib.stack.airflow import (
     create_pool,
     project_root,
     render_airflow_config,
+)
+from tirelib.stack.pgpool import (
+    RESET_QUERY_LIST,
+    pgpool_binary,
+    pgpool_component,
+    pgpool_url,
+    render_pgpool_config,
 )
 from tirelib.stack.ports import HOST, HttpCheck, free_port, free_port_pair, port_is_free
 from tirelib.stack.process import (
@@ -56,6 +64,7 @@ __all__ = [
     "AIRFLOW_TEMPLATE",
     "HOST",
     "PLACEHOLDER_KEY",
+    "RESET_QUERY_LIST",
     "TRAINING_POOL",
     "WEED_GRPC_OFFSET",
     "Component",
@@ -80,9 +89,13 @@ __all__ = [
     "mlflow_backend_uri",
     "mlflow_component",
     "mlflow_url",
+    "pgpool_binary",
+    "pgpool_component",
+    "pgpool_url",
     "port_is_free",
     "project_root",
     "render_airflow_config",
+    "render_pgpool_config",
     "s3_url",
     "seaweedfs_component",
     "sqlalchemy_url",

@@ -179,9 +179,10 @@ def seaweedfs_component(settings: Settings, *, buckets: Sequence[str] | None = N
 
 
 def mlflow_backend_uri(settings: Settings) -> str:
-    """``settings.database_url`` when set, else the SQLite file ``<stack_dir>/mlflow.db``."""
-    if settings.database_url:
-        return sqlalchemy_url(settings.database_url)
+    """``settings.database_url`` when set (PgPool's address in front of it when
+    ``settings.pgpool`` is on), else the SQLite file ``<stack_dir>/mlflow.db``."""
+    if settings.client_database_url:
+        return sqlalchemy_url(settings.client_database_url)
     return f"sqlite:///{(settings.stack_dir / 'mlflow.db').absolute()}"
 
 

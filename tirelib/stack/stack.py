@@ -1,5 +1,7 @@
 """The local stack: its servers, started in order and stopped in reverse.
 
+With ``TIRE_PGPOOL=1`` PgPool starts before MLflow, in front of ``TIRE_DATABASE_URL``.
+
 ``tirelib stack up|down|status`` calls :class:`Stack`. A stack is an ordered list of
 :class:`~tirelib.stack.process.Component` objects, so later servers (the model server, say) join
 by adding a component.
@@ -12,6 +14,7 @@ from pathlib import Path
 
 from tirelib.settings import Settings
 from tirelib.stack.airflow import airflow_component
+from tirelib.stack.pgpool import pgpool_component
 from tirelib.stack.process import Component, ComponentStatus
 from tirelib.stack.services import mlflow_component, mlflow_url, s3_url, seaweedfs_component
 
@@ -28,12 +31,12 @@ class Stack:
     ) -> None:
         self.settings = settings
         if components is None:
-            components = [
-                seaweedfs_component(settings),
-                mlflow_component(
-                    settings, s3_endpoint_url=s3_url(settings), workers=mlflow_workers
-                ),
-            ]
+            components = [seaweedfs_component(settings)]
+            if settings.pgpool:  # MLflow's backend connects through it (client_database_url)
+                components.append(pgpool_component(settings))
+            components.append(
+                mlflow_component(settings, s3_endpoint_url=s3_url(settings), workers=mlflow_workers)
+            )
             if settings.stack_with_airflow:
                 components.append(airflow_component(settings))
         self.components = list(components)
