@@ -79,6 +79,14 @@ class DatabaseUnavailableError(ServiceUnavailableError):
     service = "PostgreSQL"
 
 
+class UploadInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped an upload; the message says how many files were sent.
+
+    Still a :class:`KeyboardInterrupt`, so whatever handles an interrupt handles this one; the
+    CLI prints the message and exits 130. The next upload of the version resumes it.
+    """
+
+
 # S3 error codes that mean "slow down" or "try later", whatever the HTTP status says.
 TRANSIENT_S3_CODES = frozenset(
     {

@@ -41,6 +41,9 @@ def serve(
     decode_queue_images: Annotated[
         int | None, typer.Option(help=_help("decode_queue_images"))
     ] = None,
+    header_timeout: Annotated[float | None, typer.Option(help=_help("header_timeout_s"))] = None,
+    max_header_bytes: Annotated[int | None, typer.Option(help=_help("max_header_bytes"))] = None,
+    max_headers: Annotated[int | None, typer.Option(help=_help("max_headers"))] = None,
     threads: Annotated[int | None, typer.Option(help=_help("num_threads"))] = None,
     device: Annotated[str | None, typer.Option(help=_help("device"))] = None,
     access_log: Annotated[bool, typer.Option(help="Log every request.")] = False,
@@ -52,6 +55,7 @@ def serve(
     import uvicorn
 
     from tirelib.serve import create_app, load_serve_config
+    from tirelib.serve.protocol import server_options
 
     config = load_serve_config(
         model_uri=model_uri,
@@ -68,6 +72,9 @@ def serve(
         request_budget_images=request_budget_images,
         decode_budget_images=decode_budget_images,
         decode_queue_images=decode_queue_images,
+        header_timeout_s=header_timeout,
+        max_header_bytes=max_header_bytes,
+        max_headers=max_headers,
         num_threads=threads,
         device=device,
     )
@@ -81,4 +88,5 @@ def serve(
         access_log=access_log,
         server_header=False,
         timeout_graceful_shutdown=30,
+        **server_options(config),  # h11 with a deadline and caps on request heads
     )

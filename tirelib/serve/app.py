@@ -31,6 +31,7 @@ from tirelib.serve.config import ServeConfig, load_serve_config
 from tirelib.serve.decoding import DecodeGate, PixelLimits
 from tirelib.serve.deps import ServeState, json_response, register_convertors
 from tirelib.serve.inputs import Limits
+from tirelib.serve.limits import HeaderLimitMiddleware, clip, shorten
 from tirelib.serve.metrics import HttpMetricsMiddleware, ServeMetrics
 from tirelib.serve.model import (
     ModelHolder,
@@ -103,7 +104,7 @@ class BodyLimitMiddleware:
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
-    response = json_response({"error": message}, status)
+    response = json_response({"error": shorten(message)}, status)
     if headers:
         response.headers.update(headers)
     return response
@@ -121,7 +122,7 @@ async def _validation_error(request: Request, error: Exception) -> Response:
     assert isinstance(error, RequestValidationError)
     problems = []
     for item in error.errors():
-        where = ".".join(str(part) for part in item.get("loc", ())) or "request"
+        where = ".".join(clip(str(part), 40) for part in item.get("loc", ())) or "request"
         problems.append(f"{where}: {item.get('msg', 'invalid')}")
     return _error(400, "; ".join(problems[:5]) or "invalid request")
 
@@ -130,9 +131,9 @@ async def _http_error(request: Request, error: Exception) -> Response:
     assert isinstance(error, HTTPException)
     message = str(error.detail)
     if error.status_code == 404 and message == "Not Found":
-        message = f"no such endpoint: {request.method} {request.url.path} (see /docs)"
+        message = f"no such endpoint: {request.method} {clip(request.url.path)} (see /docs)"
     elif error.status_code == 405:
-        message = f"method {request.method} is not allowed on {request.url.path}"
+        message = f"method {request.method} is not allowed on {clip(request.url.path)}"
     return _error(error.status_code, message, dict(error.headers or {}))
 
 
@@ -238,6 +239,11 @@ def create_app(
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
+    app.add_middleware(
+        HeaderLimitMiddleware,
+        max_headers=config.max_headers,
+        max_header_bytes=config.max_header_bytes,
+    )
     app.add_middleware(HttpMetricsMiddleware, metrics=metrics)  # outermost: counts the 413s too
     app.openapi = functools.partial(_openapi, app)  # type: ignore[method-assign]
     return app

@@ -50,6 +50,24 @@ class ServeConfig(BaseSettings):
     max_body_bytes: int = Field(
         default=64 * 2**20, ge=1024, description="Largest request body accepted, bytes."
     )
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        description=(
+            "Seconds a client has to send a request's line and headers; a slower one gets 408 "
+            "and is disconnected."
+        ),
+    )
+    max_header_bytes: int = Field(
+        default=16 * 1024,
+        ge=1024,
+        le=512 * 1024,
+        description="Largest request line and headers, bytes; a larger head gets 431.",
+    )
+    max_headers: int = Field(
+        default=100, ge=1, le=10_000, description="Most header fields in a request; more get 431."
+    )
     max_instances: int = Field(
         default=256, ge=1, le=100_000, description="Most images in one request."
     )

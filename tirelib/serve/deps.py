@@ -23,6 +23,7 @@ from tirelib.serve.batching import DynamicBatcher
 from tirelib.serve.config import ServeConfig
 from tirelib.serve.decoding import Admitted, DecodeGate, DecodeQueueFull, PixelLimits, admit
 from tirelib.serve.inputs import Limits, Located
+from tirelib.serve.limits import clip, excerpt
 from tirelib.serve.metrics import ServeMetrics
 from tirelib.serve.model import ModelHolder, ServedModel
 from tirelib.serve.schemas import ErrorBody, parse_body
@@ -119,14 +120,14 @@ def select_model(
     if version is not None and version != model.version:
         raise HTTPException(
             404,
-            f"Servable not found for request: Specific({name}, {version}); "
+            f"Servable not found for request: Specific({name}, {clip(version)}); "
             f"this server serves version {model.version}",
         )
     if label is not None and label != state.holder.source.alias:
         known = state.holder.source.alias
         raise HTTPException(
             404,
-            f"Servable not found for request: Label({name}, {label}); "
+            f"Servable not found for request: Label({name}, {clip(label)}); "
             + (f"the only label is '{known}'" if known else "this server has no version labels"),
         )
     return model
@@ -135,7 +136,7 @@ def select_model(
 def check_signature(signature_name: str | None) -> None:
     if signature_name not in (None, "", SIGNATURE):
         raise DataError(
-            f"unknown signature_name {signature_name!r}; this model has only {SIGNATURE!r}"
+            f"unknown signature_name {excerpt(signature_name)}; this model has only {SIGNATURE!r}"
         )
 
 
