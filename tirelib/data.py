@@ -290,6 +290,8 @@ def scan_annotation(path: Path) -> tuple[list[Candidate], list[Skipped]]:
         entries = json.loads(path.read_text())["annotation"]["data"]
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise DataError(f"{path} is not valid JSON: {error}") from error
+    except OSError as error:
+        raise DataError(f"cannot read {path}: {error.strerror or error}") from error
     except (KeyError, TypeError) as error:
         raise DataError(
             f"{path} is not an annotation file: expected "

@@ -33,6 +33,7 @@ from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.exceptions import MlflowException, RestException
 from mlflow.models import ModelSignature
+from mlflow.tracking.context.registry import resolve_tags
 from mlflow.types import ColSpec, Schema, TensorSpec
 from PIL import Image
 
@@ -53,8 +54,26 @@ _AIRFLOW_CONTEXT = {
 }
 
 
+HTTP_DEFAULTS = {
+    # Four retries with backoff 1 wait about 0 + 2 + 4 + 8 s: a restarting server is ridden
+    # out, a stopped one is reported within ~15 s (MLflow's own defaults wait ~4 minutes).
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
+}
+"""MLflow's own HTTP settings as tirelib defaults them; values already in the environment win."""
+
+
+def apply_http_defaults() -> None:
+    """Set :data:`HTTP_DEFAULTS` where the environment does not; every entry point that talks
+    to MLflow calls this (through :func:`configure` or the registry's client)."""
+    for name, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+
+
 def configure(settings: Settings) -> str:
     """Point MLflow at the tracking server and the experiment; return the experiment id."""
+    apply_http_defaults()
     if not sys.stderr.isatty():  # progress bars would flood task logs
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
@@ -168,8 +187,19 @@ def git_commit() -> str | None:
 
 
 def lineage_tags() -> dict[str, str]:
-    """Where a run came from: the git commit and, inside Airflow, the DAG, run and task ids."""
-    tags = {tag: os.environ[var] for var, tag in _AIRFLOW_CONTEXT.items() if os.environ.get(var)}
+    """Where a run came from: the git commit and, inside Airflow, the DAG, run and task ids.
+
+    MLflow's own tags that hold a credential (a git remote ``https://user:token@...``) are
+    given masked: a tag passed to ``start_run`` replaces the one MLflow would infer.
+    """
+    tags = {
+        name: masked
+        for name, value in resolve_tags().items()
+        if (masked := mask_credentials(str(value))) != value
+    }
+    tags.update(
+        {tag: os.environ[var] for var, tag in _AIRFLOW_CONTEXT.items() if os.environ.get(var)}
+    )
     if commit := git_commit():
         tags["mlflow.source.git.commit"] = commit
         tags["git_commit"] = commit

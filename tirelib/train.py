@@ -339,6 +339,10 @@ def train(
     """
     store = ObjectStore.for_data(settings)
     manifest = read_manifest(store, config.dataset_version)  # DataError for an unknown version
+    from tirelib import tracking
+
+    if track:  # before the download: a tracking server that is down fails in seconds
+        tracking.configure(settings)
     cache = ContentCache(settings.resolved_cache_dir)
     loaders = load_data(
         config, store, cache, max_workers=settings.s3_max_workers, progress=progress
@@ -350,10 +354,6 @@ def train(
         len(loaders.splits["val"].records), len(loaders.splits["test"].records), device,
     )  # fmt: skip
 
-    from tirelib import tracking
-
-    if track:
-        tracking.configure(settings)
     tags = {
         "dataset_version": config.dataset_version,
         "model_type": config.model_type,

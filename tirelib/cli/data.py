@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from tirelib.config import MAX_VERSION_LENGTH, NAME_RULE
 from tirelib.data import (
     VersionState,
     ingest_version,
@@ -20,11 +21,17 @@ from tirelib.data import (
 )
 from tirelib.settings import get_settings
 from tirelib.storage import ObjectStore
+from tirelib.urls import mask_credentials
 
 app = typer.Typer(help="Dataset versions in the S3 data lake.", no_args_is_help=True)
 
 VersionOption = Annotated[
-    str, typer.Option("--version", help="Dataset version name, e.g. 2026-11-24 or v3.")
+    str,
+    typer.Option(
+        "--version",
+        help=f"Dataset version name, e.g. 2026-11-24 or v3: {NAME_RULE}, "
+        f"at most {MAX_VERSION_LENGTH} characters.",
+    ),
 ]
 
 
@@ -120,7 +127,7 @@ def list_(
             labels = "objects still arriving, no manifest yet"
         typer.echo(f"{v.version:<24} {created:<21} {v.total:>7}  {v.state.value:<10} {labels}")
         if v.failure:
-            reason = str(v.failure.get("reason", "")).splitlines()[0][:160]
+            reason = mask_credentials(str(v.failure.get("reason", ""))).splitlines()[0][:160]
             typer.echo(f"{'':<24} failed in {v.failure.get('task', '?')}: {reason}")
 
 

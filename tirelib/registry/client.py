@@ -39,27 +39,19 @@ from tirelib.errors import (
 from tirelib.registry.history import HistoryEvent, event_tag, parse_events
 from tirelib.registry.results import PRODUCTION
 from tirelib.settings import Settings
-from tirelib.tracking import server_unreachable
+from tirelib.tracking import HTTP_DEFAULTS, apply_http_defaults, server_unreachable
 from tirelib.urls import mask_credentials, masked_url
 
 log = logging.getLogger(__name__)
-
-HTTP_DEFAULTS = {
-    # Four retries with backoff 1 wait about 0 + 2 + 4 + 8 s: a restarting server is ridden
-    # out, a stopped one is reported within ~15 s (MLflow's own defaults wait ~4 minutes).
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
-}
 
 
 def configure(settings: Settings) -> MlflowClient:
     """Point MLflow at the tracking server, with retry defaults for the registry; a client.
 
-    The HTTP settings are MLflow's own variables; values already in the environment win.
+    The HTTP settings are MLflow's own variables (:data:`tirelib.tracking.HTTP_DEFAULTS`);
+    values already in the environment win.
     """
-    for name, value in HTTP_DEFAULTS.items():
-        os.environ.setdefault(name, value)
+    apply_http_defaults()
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
     return MlflowClient(tracking_uri=settings.mlflow_tracking_uri)
 

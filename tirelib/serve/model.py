@@ -32,6 +32,7 @@ from tirelib import notify
 from tirelib.errors import TirelibError
 from tirelib.preprocessing import Preprocessing, softmax
 from tirelib.pyfunc import TireClassifier
+from tirelib.urls import mask_credentials
 
 if TYPE_CHECKING:
     from tirelib.serve.metrics import ServeMetrics
@@ -210,6 +211,9 @@ class RegistrySource:
     def __init__(self, uri: str, *, tracking_uri: str | None = None) -> None:
         import mlflow
 
+        from tirelib.tracking import apply_http_defaults
+
+        apply_http_defaults()  # a registry that is down is reported in seconds, not minutes
         if tracking_uri:
             mlflow.set_tracking_uri(tracking_uri)
         self._uri = uri
@@ -393,7 +397,7 @@ class ModelHolder:
         try:
             version = self.source.resolve()
         except (TirelibError, OSError) as error:
-            self._problem(str(error))
+            self._problem(mask_credentials(str(error)))
             return False
         current = self._current
         if current is not None and current.version == version:
@@ -444,7 +448,8 @@ class ModelHolder:
     def _failed(
         self, version: str, uri: str, error: Exception, previous: ServedModel | None
     ) -> None:
-        message = f"{type(error).__name__}: {error}"
+        # Shown by the status endpoint and sent to Slack: MLflow's text quotes the tracking URI.
+        message = mask_credentials(f"{type(error).__name__}: {error}")
         log.error("version %s of %s failed to load: %s", version, self.name, message, exc_info=True)
         self._set_state(VersionState(version, "UNAVAILABLE", message))
         failure = self._failures.get(version)
