@@ -525,6 +525,81 @@ def test_an_unknown_airflow_option_is_found(tmp_path: Path) -> None:
     assert unknown_airflow_options(asked, tmp_path) == [["scheduler", "enable_healthcheck"]]
 
 
+# Parses each command line with Airflow's own CLI parser (nothing runs).
+_PARSE_COMMANDS = """
+import json, sys
+from airflow.cli.cli_parser import get_parser
+failed = []
+for argv in json.load(sys.stdin):
+    try:
+        get_parser().parse_args(argv)
+    except SystemExit:
+        failed.append(argv)
+print(json.dumps(failed))
+"""
+
+
+def unparsable_airflow_commands(commands: list[list[str]], tmp_path: Path) -> list[list[str]]:
+    done = subprocess.run(
+        [sys.executable, "-c", _PARSE_COMMANDS],
+        input=json.dumps(commands),
+        env={
+            "PATH": str(BIN),
+            "AIRFLOW_HOME": str(tmp_path / "airflow"),
+            "HOME": str(tmp_path),
+            "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
+        },
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def airflow_commands(rendered: dict[str, Any]) -> list[list[str]]:
+    """The Airflow command lines of the compose services, the Helm values and the manifests."""
+    import shlex
+
+    commands = []
+    for name in AIRFLOW_SERVICES:
+        command = rendered["services"][name]["command"]
+        words = command if isinstance(command, list) else shlex.split(command)
+        if len(words) == 1 and "\n" in words[0]:  # a script: its airflow lines
+            commands += [
+                shlex.split(line)[1:]
+                for line in words[0].splitlines()
+                if line.strip().startswith("airflow ")
+            ]
+        else:
+            commands.append(words)
+        test = rendered["services"][name].get("healthcheck", {}).get("test", [])
+        if "airflow jobs check" in " ".join(test):
+            line = test[-1].replace('"${HOSTNAME}"', "host")
+            commands.append(shlex.split(line)[1:])
+    worker = yaml.safe_load((K8S / "airflow-training-worker.yaml").read_text())
+    commands.append(worker["spec"]["template"]["spec"]["containers"][0]["args"])
+    script = yaml.safe_load(HELM_VALUES.read_text())["workers"]["args"][-1]
+    commands.append(shlex.split(script.removeprefix("exec airflow ")))
+    return commands
+
+
+def test_every_airflow_command_parses_with_airflows_cli(
+    rendered: dict[str, Any], tmp_path: Path
+) -> None:
+    commands = airflow_commands(rendered)
+    assert ["db", "migrate"] in commands
+    assert ["celery", "worker", "--queues", "training", "--concurrency", "1"] in commands
+    assert len(commands) >= 12
+    assert unparsable_airflow_commands(commands, tmp_path) == []
+
+
+def test_a_mistyped_airflow_command_is_found(tmp_path: Path) -> None:
+    asked = [["dag-processor"], ["celery", "workr", "--queues", "default"]]
+    assert unparsable_airflow_commands(asked, tmp_path) == [asked[1]]
+
+
 # ---------------------------------------------------------------------------- Kubernetes
 
 
