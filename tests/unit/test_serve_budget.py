@@ -29,6 +29,7 @@ from tirelib.serve.decoding import (
     DecodeQueueFull,
     PixelLimits,
 )
+from tirelib.serve.inputs import Limits, to_tensor
 from tirelib.serve.model import StaticSource
 from tirelib.settings import load_settings
 
@@ -166,6 +167,11 @@ def test_a_bomb_is_refused_before_any_pixel_is_decoded() -> None:
     assert isinstance(caught.value, DataError)  # a client's mistake, never retried
     image, declared = open_image(bomb("PNG", 3000, 2000))
     assert declared == (3000, 2000) and image.size == (3000, 2000)  # the header alone
+
+
+def test_a_single_image_is_read_from_its_header_first_too() -> None:
+    with pytest.raises(ImageTooLargeError, match=rf"instances\[0\]: .*{BOMB}x{BOMB}"):
+        to_tensor(classifier().prep, bomb("GIF"), Limits(), "instances[0]")
 
 
 # --- the pixel budget ----------------------------------------------------------------------

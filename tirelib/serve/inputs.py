@@ -1,10 +1,11 @@
 """From request bodies to image tensors: TF Serving's row and columnar forms, classify examples,
 Open Inference Protocol tensors and uploaded files.
 
-Parsing finds the images and checks the request's shape (cheap); :func:`preprocess` decodes and
-resizes them with the served model's own :class:`~tirelib.preprocessing.Preprocessing` (heavy,
-run off the event loop). Every problem is a :class:`~tirelib.errors.DataError` whose message
-names the instance (``instances[3]: …``) and what is allowed; the routes turn it into a 400.
+Parsing finds the images and checks the request's shape (cheap); :mod:`tirelib.serve.decoding`
+checks them against the pixel budget, then decodes and resizes them with the served model's own
+:class:`~tirelib.preprocessing.Preprocessing` (heavy, run off the event loop). Every problem is
+a :class:`~tirelib.errors.DataError` whose message names the instance (``instances[3]: …``) and
+what is allowed; the routes turn it into a 400 (an image over its pixel budget: a 413).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
-import io
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -22,10 +22,9 @@ from typing import Any
 import msgspec
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from tirelib.errors import DataError
-from tirelib.preprocessing import Preprocessing
+from tirelib.preprocessing import Preprocessing, open_image
 from tirelib.serve.limits import excerpt
 
 FLOAT_INPUT = "images"
@@ -270,15 +269,10 @@ def to_tensor(prep: Preprocessing, image: RawImage, limits: Limits, where: str) 
     """One image, decoded (bytes) or checked (floats), resized and normalised by ``prep``."""
     try:
         if isinstance(image, bytes):
-            if not image:
-                raise DataError("empty image: zero bytes")
-            try:
-                with Image.open(io.BytesIO(image)) as header:
-                    width, height = header.size
-            except (UnidentifiedImageError, OSError, ValueError) as error:
-                raise DataError(
-                    "not an image: the bytes are no known image format (JPEG, PNG, …)"
-                ) from error
+            # The routes decode through tirelib.serve.decoding, within the pixel budget; here
+            # too the header is read first, so a decompression bomb is refused, never decoded.
+            header, (width, height) = open_image(image)
+            header.close()
             _check_sides(height, width, limits)
             return prep.from_bytes(image)
         array = image if isinstance(image, np.ndarray) else pixel_array(image)
@@ -296,9 +290,4 @@ def to_tensor(prep: Preprocessing, image: RawImage, limits: Limits, where: str) 
             _check_sides(array.shape[0], array.shape[1], limits)
         return prep.from_array(array)
     except DataError as error:
-        raise DataError(f"{where}: {error}") from error
-
-
-def preprocess(prep: Preprocessing, images: Sequence[Located], limits: Limits) -> torch.Tensor:
-    """The NCHW batch for ``images``, prepared as the model was trained."""
-    return prep.batch([to_tensor(prep, image, limits, where) for where, image in images])
+        raise type(error)(f"{where}: {error}") from error  # a 413 stays a 413
