@@ -513,6 +513,13 @@ ECHOES = [
         400,
         "",
     ),
+    Case(
+        "v2 shape of 200,000 dimensions",
+        INFER,
+        _j(_v2([0.5] * 3, shape=[1] * 200_000)),
+        400,
+        "must have shape [N, H, W, 3]",
+    ),
     Case("8 KiB version", f"{BASE}/versions/{'9' * 8000}:predict", GOOD_BODY, 404, "Specific(tire"),
     Case("8 KiB label", f"{BASE}/labels/{'l' * 8000}:predict", GOOD_BODY, 404, "Label(tire"),
     Case("8 KiB unknown path", "/" + "p" * 8000, b"", 404, "no such endpoint", method="GET"),
