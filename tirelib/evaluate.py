@@ -28,7 +28,7 @@ from tirelib.preprocessing import softmax
 from tirelib.progress import progress_bar
 from tirelib.settings import Settings
 from tirelib.storage import ContentCache, ObjectStore
-from tirelib.urls import masked_url
+from tirelib.urls import mask_credentials, masked_url
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,8 @@ def evaluate_model(
             loaded = mlflow.pyfunc.load_model(model_uri)
     except MlflowException as error:  # MLflow answered: no such model, version or alias
         raise RegistryError(
-            f"MLflow at {masked_url(uri)} cannot load {model_uri}: {error.message}"
+            f"MLflow at {masked_url(uri)} cannot load {model_uri}: "
+            f"{mask_credentials(str(error.message))}"
         ) from error
     model = loaded.unwrap_python_model()
     if not isinstance(model, TireClassifier):
@@ -218,7 +219,7 @@ def evaluate_run(
             run = mlflow.get_run(run_id)
     except MlflowException as error:  # MLflow answered: there is no such run
         raise DataError(
-            f"no MLflow run {run_id!r} at {masked_url(uri)}: {error.message}"
+            f"no MLflow run {run_id!r} at {masked_url(uri)}: {mask_credentials(str(error.message))}"
         ) from error
     model_uri = run.data.tags.get(MODEL_URI_TAG)
     if not model_uri:

@@ -10,6 +10,7 @@ import logging
 import os
 
 from tirelib.settings import Settings
+from tirelib.urls import mask_credentials
 
 log = logging.getLogger(__name__)
 
@@ -23,14 +24,19 @@ def in_airflow() -> bool:
 
 
 def send(text: str, settings: Settings, *, conn_id: str = SLACK_CONN_ID) -> bool:
-    """Post ``text`` to Slack; True when Slack accepted it. Errors are logged, never raised."""
+    """Post ``text`` to Slack; True when Slack accepted it. Errors are logged, never raised.
+
+    Credentials in ``text`` (an error's URL, a secret setting) are masked before it leaves.
+    """
+    text = mask_credentials(text)
     try:
         if in_airflow():
             return _send_with_airflow(text, conn_id)
         return _send_with_sdk(text, settings)
     # A notification must never break the work it reports on, whatever went wrong.
     except Exception as error:
-        log.warning("Slack message not sent (%s: %s): %s", type(error).__name__, error, text[:200])
+        detail = mask_credentials(str(error))
+        log.warning("Slack message not sent (%s: %s): %s", type(error).__name__, detail, text[:200])
         return False
 
 
@@ -44,7 +50,8 @@ def _send_with_sdk(text: str, settings: Settings) -> bool:
 def post_webhook(url: str, text: str, *, timeout: float = TIMEOUT_S) -> bool:
     """Post ``{"text": text}`` to an incoming webhook with slack-sdk; True when it was taken.
 
-    Never raises: a message that cannot be sent is logged and the caller carries on.
+    Never raises: a message that cannot be sent is logged and the caller carries on. The text
+    is masked (:func:`~tirelib.urls.mask_credentials`) before it is sent.
     """
     from slack_sdk.http_retry.builtin_handlers import ConnectionErrorRetryHandler
     from slack_sdk.webhook import WebhookClient
@@ -55,9 +62,9 @@ def post_webhook(url: str, text: str, *, timeout: float = TIMEOUT_S) -> bool:
         retry_handlers=[ConnectionErrorRetryHandler(max_retry_count=2)],
     )
     try:
-        response = client.send(text=text)
+        response = client.send(text=mask_credentials(text))
     except (OSError, ValueError) as error:  # URLError and timeouts are OSErrors
-        log.warning("could not post to Slack: %s", error)
+        log.warning("could not post to Slack: %s", mask_credentials(str(error)))
         return False
     if response.status_code != 200:
         log.warning("Slack answered %d %s", response.status_code, str(response.body)[:200])

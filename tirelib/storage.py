@@ -38,7 +38,7 @@ from tirelib.errors import (
     is_transient_http_status,
 )
 from tirelib.progress import progress_bar
-from tirelib.urls import masked_url
+from tirelib.urls import mask_credentials, masked_url
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -134,12 +134,13 @@ def classify(error: Exception, action: str, where: str, endpoint: str | None) ->
     credentials.
     """
     at = masked_url(endpoint) if endpoint else "the default AWS endpoint"
+    detail = mask_credentials(str(error))  # botocore quotes the endpoint URL, userinfo and all
     if is_transient(error):
         return StorageUnavailableError(
             f"cannot reach S3 at {at} to {action} {where} (botocore's retries are spent; "
-            f"is the store running?): {error}"
+            f"is the store running?): {detail}"
         )
-    return StorageError(f"S3 at {at} refused to {action} {where}: {error}")
+    return StorageError(f"S3 at {at} refused to {action} {where}: {detail}")
 
 
 @dataclass(frozen=True)

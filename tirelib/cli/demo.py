@@ -12,6 +12,7 @@ import typer
 from tirelib.cli import data as data_cli
 from tirelib.cli import stack as stack_cli
 from tirelib.settings import Settings, get_settings
+from tirelib.urls import masked_url
 
 SENSOR = "tire_data_sensor"
 PIPELINE = "tire_training_pipeline"
@@ -87,5 +88,8 @@ def _show_production(settings: Settings, url: str) -> None:
     typer.secho("== where to look", bold=True)
     password = airflow_password(settings)
     typer.echo(f"Airflow UI: {url}  (user admin, password {password})")
-    typer.echo(f"MLflow UI:  {settings.mlflow_tracking_uri}  (experiment {settings.experiment})")
+    typer.echo(
+        f"MLflow UI:  {masked_url(settings.mlflow_tracking_uri)}  "
+        f"(experiment {settings.experiment})"
+    )
     typer.echo("stop everything with: .venv/bin/tirelib stack down")

@@ -19,6 +19,7 @@ import numpy as np
 from tirelib.errors import DataError, TirelibError
 from tirelib.metrics import ClassificationMetrics, compute_metrics
 from tirelib.settings import Settings
+from tirelib.urls import mask_credentials
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +54,18 @@ class ServingClient:
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.HTTPError as error:
-            raise ServingError(f"{method} {self.url}{path} failed: {error}") from error
+            raise ServingError(
+                mask_credentials(f"{method} {self.url}{path} failed: {error}")
+            ) from error
         if response.status_code != 200:
             try:
                 message = response.json().get("error", response.text)
             except ValueError:
                 message = response.text
             raise ServingError(
-                f"{method} {self.url}{path} answered {response.status_code}: {message[:500]}"
+                mask_credentials(
+                    f"{method} {self.url}{path} answered {response.status_code}: {message[:500]}"
+                )
             )
         return response.json()
 
