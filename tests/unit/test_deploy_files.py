@@ -473,25 +473,46 @@ def test_compose_services_wait_on_health_and_have_healthchecks(rendered: dict[st
     assert services["lb"]["ports"]
 
 
-# Runs in a fresh interpreter with its own AIRFLOW_HOME: the options the installed Airflow and its
-# providers describe (the same versions the image pins).
-_KNOWN_OPTIONS = """
+# One fresh interpreter (its own AIRFLOW_HOME, CeleryExecutor as in the deployment) answers for
+# every batch: which options the installed Airflow and its providers do not describe, and which
+# command lines Airflow's own CLI parser refuses (nothing runs). Same versions as the image.
+_AIRFLOW_PROBE = """
 import json, sys
+from airflow.cli.cli_parser import get_parser
 from airflow.configuration import conf
-asked = json.load(sys.stdin)
 described = conf.configuration_description
-print(json.dumps([[s, k] for s, k in asked if k not in described.get(s, {}).get("options", {})]))
+answers = []
+for batch in json.load(sys.stdin):
+    unknown = [
+        [s, k] for s, k in batch["options"] if k not in described.get(s, {}).get("options", {})
+    ]
+    refused = []
+    for argv in batch["commands"]:
+        try:
+            get_parser().parse_args(argv)
+        except SystemExit:
+            refused.append(argv)
+    answers.append({"options": unknown, "commands": refused})
+print(json.dumps(answers))
 """
 
+BROKEN_OPTIONS = [["scheduler", "enable_health_check"], ["scheduler", "enable_healthcheck"]]
+BROKEN_COMMANDS = [["dag-processor"], ["celery", "workr", "--queues", "default"]]
 
-def unknown_airflow_options(options: list[tuple[str, str]], tmp_path: Path) -> list[list[str]]:
+
+def ask_airflow(batches: list[dict[str, Any]], home: Path) -> list[dict[str, Any]]:
     done = subprocess.run(
-        [sys.executable, "-c", _KNOWN_OPTIONS],
-        input=json.dumps(options),
-        env={"PATH": str(BIN), "AIRFLOW_HOME": str(tmp_path / "airflow"), "HOME": str(tmp_path)},
+        [sys.executable, "-c", _AIRFLOW_PROBE],
+        input=json.dumps(batches),
+        env={
+            "PATH": str(BIN),
+            "AIRFLOW_HOME": str(home / "airflow"),
+            "HOME": str(home),
+            "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
+        },
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=300,
         check=False,
     )
     assert done.returncode == 0, done.stderr[-2000:]
@@ -510,52 +531,6 @@ def airflow_options(rendered: dict[str, Any]) -> list[tuple[str, str]]:
     values = yaml.safe_load(HELM_VALUES.read_text())
     options.update((s, k) for s, section in values["config"].items() for k in section)
     return sorted(options)  # type: ignore[arg-type]
-
-
-def test_every_airflow_option_set_is_one_airflow_knows(
-    rendered: dict[str, Any], tmp_path: Path
-) -> None:
-    options = airflow_options(rendered)
-    assert ("celery", "broker_url") in options and ("core", "executor") in options
-    assert unknown_airflow_options(options, tmp_path) == []
-
-
-def test_an_unknown_airflow_option_is_found(tmp_path: Path) -> None:
-    asked = [("scheduler", "enable_health_check"), ("scheduler", "enable_healthcheck")]
-    assert unknown_airflow_options(asked, tmp_path) == [["scheduler", "enable_healthcheck"]]
-
-
-# Parses each command line with Airflow's own CLI parser (nothing runs).
-_PARSE_COMMANDS = """
-import json, sys
-from airflow.cli.cli_parser import get_parser
-failed = []
-for argv in json.load(sys.stdin):
-    try:
-        get_parser().parse_args(argv)
-    except SystemExit:
-        failed.append(argv)
-print(json.dumps(failed))
-"""
-
-
-def unparsable_airflow_commands(commands: list[list[str]], tmp_path: Path) -> list[list[str]]:
-    done = subprocess.run(
-        [sys.executable, "-c", _PARSE_COMMANDS],
-        input=json.dumps(commands),
-        env={
-            "PATH": str(BIN),
-            "AIRFLOW_HOME": str(tmp_path / "airflow"),
-            "HOME": str(tmp_path),
-            "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
-        },
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def airflow_commands(rendered: dict[str, Any]) -> list[list[str]]:
@@ -585,19 +560,39 @@ def airflow_commands(rendered: dict[str, Any]) -> list[list[str]]:
     return commands
 
 
-def test_every_airflow_command_parses_with_airflows_cli(
-    rendered: dict[str, Any], tmp_path: Path
-) -> None:
-    commands = airflow_commands(rendered)
+@pytest.fixture(scope="module")
+def airflow_answers(
+    rendered: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Any]:
+    options, commands = airflow_options(rendered), airflow_commands(rendered)
+    assert ("celery", "broker_url") in options and ("core", "executor") in options
     assert ["db", "migrate"] in commands
     assert ["celery", "worker", "--queues", "training", "--concurrency", "1"] in commands
     assert len(commands) >= 12
-    assert unparsable_airflow_commands(commands, tmp_path) == []
+    ours, broken = ask_airflow(
+        [
+            {"options": options, "commands": commands},
+            {"options": BROKEN_OPTIONS, "commands": BROKEN_COMMANDS},
+        ],
+        tmp_path_factory.mktemp("airflow-probe"),
+    )
+    return {"ours": ours, "broken": broken}
 
 
-def test_a_mistyped_airflow_command_is_found(tmp_path: Path) -> None:
-    asked = [["dag-processor"], ["celery", "workr", "--queues", "default"]]
-    assert unparsable_airflow_commands(asked, tmp_path) == [asked[1]]
+def test_every_airflow_option_set_is_one_airflow_knows(airflow_answers: dict[str, Any]) -> None:
+    assert airflow_answers["ours"]["options"] == []
+
+
+def test_an_unknown_airflow_option_is_found(airflow_answers: dict[str, Any]) -> None:
+    assert airflow_answers["broken"]["options"] == [BROKEN_OPTIONS[1]]
+
+
+def test_every_airflow_command_parses_with_airflows_cli(airflow_answers: dict[str, Any]) -> None:
+    assert airflow_answers["ours"]["commands"] == []
+
+
+def test_a_mistyped_airflow_command_is_found(airflow_answers: dict[str, Any]) -> None:
+    assert airflow_answers["broken"]["commands"] == [BROKEN_COMMANDS[1]]
 
 
 # ---------------------------------------------------------------------------- Kubernetes
