@@ -120,3 +120,34 @@ def test_ctrl_c_stops_an_upload_at_once_and_the_next_run_resumes(
     images = [o.last_modified for k, o in finished.items() if k != manifest_key(version)]
     assert manifest.last_modified is not None and None not in images
     assert manifest.last_modified >= max(t for t in images if t is not None)  # written last
+
+
+def test_an_upload_reports_what_it_cannot_send_and_sends_the_rest(
+    tire_env: Settings, tmp_path: Path
+) -> None:
+    generate(tmp_path / "src", 6, seed=4, size=32)
+    image = next((tmp_path / "src" / "good").glob("*.png")).read_bytes()
+    good = os.fsencode(tmp_path / "src" / "good")
+    with open(os.path.join(good, b"tire-\xff.png"), "wb") as file:  # a name S3 cannot take
+        file.write(image)
+    os.mkfifo(tmp_path / "src" / "defective" / "pipe.png")  # reading it would block
+    (tmp_path / "src" / "good" / "gone.png").symlink_to(tmp_path / "missing.png")
+    done = subprocess.run(
+        _tirelib("data", "upload", str(tmp_path / "src"), "--version", "odd-1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    assert "skipped good/tire-\\xff.png: file name is not valid UTF-8" in done.stderr
+    assert "skipped defective/pipe.png: not a regular file" in done.stderr
+    assert "skipped good/gone.png: broken symbolic link" in done.stderr
+    assert "6 sent, 0 already there" in done.stdout and "3 skipped" in done.stdout
+    manifest = ObjectStore.for_data(tire_env).get_json(manifest_key("odd-1"))
+    assert {item["path"] for item in manifest["skipped"]} == {
+        "good/tire-\\xff.png",
+        "defective/pipe.png",
+        "good/gone.png",
+    }

@@ -326,8 +326,8 @@ def test_a_script_tells_promoted_from_refused_by_the_exit_status(
         assert "Traceback" not in refused.stderr
         assert "not promoted" in refused.stdout
     assert aliases(reg)[PRODUCTION] == champion
-    # A run below the floors is not registered: status 1 too.
-    below = _cli("registry", "register", "--run-id", world.good, "--min-accuracy", "0.99")
+    # A run below the floors is not registered: status 1 too (test accuracy 0.92 here).
+    below = _cli("registry", "register", "--run-id", world.ranked["c"], "--min-accuracy", "0.99")
     assert below.returncode == 1, below.stdout + below.stderr[-2000:]
     assert "was not registered" in below.stdout
 
