@@ -105,7 +105,22 @@ class Settings(BaseSettings):
         default=None, ge=0, le=1, description="Registration floor on test F1 (DAG default)."
     )
     training_queue: str = Field(
-        default="default", description="Executor queue of training tasks (CeleryExecutor)."
+        default="training", description="Executor queue of training tasks (CeleryExecutor)."
+    )
+    celery_broker_url: str = Field(
+        default="redis://127.0.0.1:6379/0", description="CeleryExecutor's broker (Redis)."
+    )
+    celery_result_backend: str | None = Field(
+        default=None,
+        description="Celery's result backend; default: the Airflow metadata database (db+...).",
+    )
+    celery_worker_concurrency: int = Field(
+        default=4, ge=1, le=64, description="Task slots of the stack's `default` queue worker."
+    )
+    celery_worker_name: str | None = Field(
+        default=None,
+        description="This Celery worker's name, recorded as the hostname of the tasks it runs "
+        "(tells workers on one host apart); default: the machine's name.",
     )
     sensor_poke_seconds: int = Field(
         default=30, ge=1, le=3600, description="How often the data sensor looks at the lake."
@@ -119,7 +134,14 @@ class Settings(BaseSettings):
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
-    @field_validator("s3_endpoint_url", "database_url", "airflow_database_url", mode="before")
+    @field_validator(
+        "s3_endpoint_url",
+        "database_url",
+        "airflow_database_url",
+        "celery_result_backend",
+        "celery_worker_name",
+        mode="before",
+    )
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value

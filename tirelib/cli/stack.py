@@ -6,9 +6,12 @@ State lives in ``<TIRE_HOME>/stack``: one pid file per server and its log in ``l
 
 from __future__ import annotations
 
+from enum import StrEnum
+from typing import Annotated
+
 import typer
 
-from tirelib.settings import get_settings
+from tirelib.settings import get_settings, load_settings
 from tirelib.stack import ComponentStatus, Stack, airflow_password, airflow_url
 
 app = typer.Typer(
@@ -21,14 +24,39 @@ def _line(status: ComponentStatus, state: str) -> str:
     return f"{status.title:<16} {status.url:<24} {state}"
 
 
+class Executor(StrEnum):
+    """Airflow's executor: ``local`` runs ``airflow standalone``; ``celery`` runs each component,
+    a worker for the ``default`` queue and one for the training queue (Redis, PostgreSQL)."""
+
+    local = "local"
+    celery = "celery"
+
+    @property
+    def setting(self) -> str:
+        """The value of ``TIRE_AIRFLOW_EXECUTOR`` it stands for."""
+        return f"{self.value.capitalize()}Executor"
+
+
 @app.command()
-def up() -> None:
+def up(
+    executor: Annotated[
+        Executor | None,
+        typer.Option(
+            help="Airflow's executor (default: TIRE_AIRFLOW_EXECUTOR). celery needs Redis "
+            "(TIRE_CELERY_BROKER_URL) and PostgreSQL (TIRE_AIRFLOW_DATABASE_URL).",
+            case_sensitive=False,
+        ),
+    ] = None,
+) -> None:
     """Start the servers that are not running and wait until each answers."""
-    stack = Stack(get_settings())
+    settings = get_settings()
+    if executor is not None:
+        settings = load_settings(airflow_executor=executor.setting)
+    stack = Stack(settings)
     for status in stack.up():
         typer.echo(_line(status, status.describe()))
     typer.echo(f"logs: {stack.settings.stack_dir / 'logs'}")
-    if any(component.name == "airflow" for component in stack):
+    if any(component.name.startswith("airflow") for component in stack):
         password = airflow_password(stack.settings)
         where = stack.settings.resolved_airflow_home / "simple_auth_manager_passwords.json"
         typer.echo(

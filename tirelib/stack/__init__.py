@@ -9,6 +9,8 @@
 - :mod:`~tirelib.stack.services`: SeaweedFS's ``weed mini`` and ``mlflow server``;
 - :mod:`~tirelib.stack.pgpool`: PgPool-II in front of the MLflow database (``TIRE_PGPOOL``);
 - :mod:`~tirelib.stack.airflow`: Airflow's configuration, environment, connections and pool;
+- :mod:`~tirelib.stack.celery`: Airflow on CeleryExecutor, each component a process, a worker
+  per queue;
 - :mod:`~tirelib.stack.stack`: :class:`Stack`, the servers in order.
 
 Every name is importable from ``tirelib.stack`` itself.
@@ -29,6 +31,7 @@ from tirelib.stack.airflow import (
     project_root,
     render_airflow_config,
 )
+from tirelib.stack.celery import celery_components, check_broker, worker_name
 from tirelib.stack.pgpool import (
     RESET_QUERY_LIST,
     pgpool_binary,
@@ -79,6 +82,8 @@ __all__ = [
     "airflow_env",
     "airflow_password",
     "airflow_url",
+    "celery_components",
+    "check_broker",
     "create_buckets",
     "create_pool",
     "find_executable",
@@ -101,4 +106,5 @@ __all__ = [
     "sqlalchemy_url",
     "upgrade_database",
     "weed_binary",
+    "worker_name",
 ]

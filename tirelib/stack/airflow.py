@@ -81,6 +81,8 @@ def render_airflow_config(settings: Settings, *, parallelism: int = 4) -> Path:
         "executor": settings.airflow_executor,
         "parallelism": str(parallelism),
         "sql_alchemy_conn": sqlalchemy_url(database),
+        "celery_broker_url": settings.celery_broker_url,
+        "celery_result_backend": settings.celery_result_backend or f"db+{sqlalchemy_url(database)}",
         "api_host": HOST,
         "api_port": str(settings.airflow_port),
     }

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tirelib.settings import Settings
 from tirelib.stack.airflow import airflow_component
+from tirelib.stack.celery import CELERY_EXECUTOR, celery_components
 from tirelib.stack.pgpool import pgpool_component
 from tirelib.stack.process import Component, ComponentStatus
 from tirelib.stack.services import mlflow_component, mlflow_url, s3_url, seaweedfs_component
@@ -38,7 +39,7 @@ class Stack:
                 mlflow_component(settings, s3_endpoint_url=s3_url(settings), workers=mlflow_workers)
             )
             if settings.stack_with_airflow:
-                components.append(airflow_component(settings))
+                components += airflow_components(settings)
         self.components = list(components)
 
     def __iter__(self) -> Iterator[Component]:
@@ -52,15 +53,32 @@ class Stack:
         return self.status()
 
     def down(self) -> list[tuple[ComponentStatus, int | None]]:
-        """Stop every component, last first; return each with the pid stopped (or None)."""
+        """Stop every component, last first; return each with the pid stopped (or None).
+
+        Airflow's components of the other executor's layout are stopped too when they run, so
+        ``down`` needs no flag to stop what ``up --executor`` started (``status`` shows them).
+        """
         results = []
-        for component in reversed(self.components):
+        for component in reversed([*self.components, *self._other_layout_running()]):
             before = component.status()
             results.append((before, component.down()))
         return results
 
     def status(self) -> list[ComponentStatus]:
-        return [component.status() for component in self.components]
+        return [
+            component.status() for component in [*self.components, *self._other_layout_running()]
+        ]
+
+    def _other_layout_running(self) -> list[Component]:
+        """Airflow's components of the other executor's layout that have a pid file."""
+        if not self.settings.stack_with_airflow:
+            return []
+        names = {component.name for component in self.components}
+        return [
+            component
+            for component in _other_airflow_layout(self.settings)
+            if component.name not in names and component.process.read_pid_file() is not None
+        ]
 
     def exports(self) -> dict[str, str]:
         """Environment variables a shell needs so tirelib talks to this stack.
@@ -78,3 +96,17 @@ class Stack:
 
     def log_files(self) -> list[Path]:
         return [component.process.log_path for component in self.components]
+
+
+def airflow_components(settings: Settings) -> list[Component]:
+    """Airflow as the settings' executor runs it: ``airflow standalone`` for LocalExecutor, or
+    each component and a worker per queue for CeleryExecutor."""
+    if settings.airflow_executor == CELERY_EXECUTOR:
+        return celery_components(settings)
+    return [airflow_component(settings)]
+
+
+def _other_airflow_layout(settings: Settings) -> list[Component]:
+    if settings.airflow_executor == CELERY_EXECUTOR:
+        return [airflow_component(settings)]
+    return celery_components(settings, check=False)
