@@ -33,8 +33,9 @@ from tirelib.errors import (
     is_retryable,
 )
 from tirelib.logs import quiet_task_logs
-from tirelib.settings import Settings, get_settings
+from tirelib.settings import Settings, get_settings, secret_values
 from tirelib.storage import ContentCache, ObjectStore, processed_key
+from tirelib.urls import add_secrets, mask_credentials, url_secrets
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +50,14 @@ def task_settings(conn_id: str = AWS_CONN_ID) -> Settings:
 
     Inside Airflow the endpoint, region and credentials come from the connection (its extra
     holds ``endpoint_url``), never from code; outside, from the environment as usual. Every
-    step starts here, so inside a task this also keeps the libraries' chatter out of its log.
+    step starts here, so inside a task this also keeps the libraries' chatter out of its log
+    and masks every credential of the settings and the connection in it.
     """
     settings = get_settings()
     if not notify.in_airflow():
         return settings
     quiet_task_logs()
+    _mask_everywhere(secret_values(settings))
     from airflow.sdk import BaseHook
     from airflow.sdk.exceptions import AirflowNotFoundException
 
@@ -72,7 +75,19 @@ def task_settings(conn_id: str = AWS_CONN_ID) -> Settings:
     if connection.login:
         update["aws_access_key_id"] = connection.login
         update["aws_secret_access_key"] = SecretStr(connection.password or "")
+    _mask_everywhere([connection.password or "", *url_secrets(update.get("s3_endpoint_url"))])
     return settings.model_copy(update=update)
+
+
+def _mask_everywhere(values: list[str]) -> None:
+    """Mask ``values`` in tirelib's messages and in Airflow's own task log (which logs a failed
+    task's exception, causes and all, without tirelib's log records)."""
+    from airflow.sdk.log import mask_secret
+
+    add_secrets(*values)
+    for value in values:
+        if value:
+            mask_secret(value)
 
 
 def _store(settings: Settings) -> ObjectStore:
@@ -461,7 +476,8 @@ class TaskFailure:
     def reason(self) -> str:
         if self.error is None:
             return "no error was given"
-        return f"{type(self.error).__name__}: {self.error}"
+        # Written to the failed marker and sent to Slack: no credential may ride along.
+        return mask_credentials(f"{type(self.error).__name__}: {self.error}")
 
     def marker(self) -> dict[str, Any]:
         """The content of ``state/failed/<version>.json`` (the time is added when written)."""

@@ -8,6 +8,7 @@ user needs to set nothing; production sets the endpoint, buckets and credentials
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Literal
@@ -16,7 +17,7 @@ from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_vali
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tirelib.errors import ConfigurationError
-from tirelib.urls import with_address
+from tirelib.urls import add_secrets, mask_credentials, url_secrets, with_address
 
 # S3's own rule for bucket names, shortened: 3-63 lowercase letters, digits, dots and hyphens.
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
@@ -196,6 +197,35 @@ class Settings(BaseSettings):
 SECRET_FIELDS = frozenset({"aws_access_key_id", "aws_secret_access_key", "slack_webhook_url"})
 
 
+# Credentials the ecosystem's clients read from the environment themselves.
+_SECRET_ENV = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "AWS_SESSION_TOKEN")
+
+
+def secret_values(settings: Settings) -> list[str]:
+    """Every credential ``settings`` hold: the passwords in its URLs, the AWS secret key, the
+    Slack webhook (its path is the secret), and MLflow's and AWS's own secret variables."""
+    values: list[str] = []
+    for url in (
+        settings.mlflow_tracking_uri,
+        settings.s3_endpoint_url,
+        settings.database_url,
+        settings.airflow_database_url,
+        settings.celery_broker_url,
+        settings.celery_result_backend,
+    ):
+        values += url_secrets(url)
+    if settings.aws_secret_access_key is not None:
+        values.append(settings.aws_secret_access_key.get_secret_value())
+    if settings.slack_webhook_url is not None:
+        webhook = settings.slack_webhook_url.get_secret_value()
+        values.append(webhook)
+        path = webhook.partition("://")[2].partition("/")[2]
+        if path.count("/") >= 1:  # services/T.../B.../secret: the part after the host
+            values.append(path)
+    values += [os.environ[name] for name in _SECRET_ENV if os.environ.get(name)]
+    return [value for value in values if value]
+
+
 def settings_env(settings: Settings, *, secrets: bool = False) -> dict[str, str]:
     """``TIRE_*`` variables that give another process these settings (credentials only on
     request: inside Airflow they come from connections)."""
@@ -216,19 +246,23 @@ def _explain(error: ValidationError) -> str:
     for item in error.errors():
         field = str(item["loc"][0]) if item["loc"] else "?"
         variable = f"TIRE_{field.upper()}"
-        lines.append(f"{variable}={item.get('input')!r}: {item['msg']}")
+        shown = "'***'" if field in SECRET_FIELDS else repr(item.get("input"))
+        lines.append(mask_credentials(f"{variable}={shown}: {item['msg']}"))
     return "invalid settings:\n  " + "\n  ".join(lines)
 
 
 def load_settings(**overrides: object) -> Settings:
     """Read the settings from the environment, with ``overrides`` taking precedence.
 
-    Raises :class:`ConfigurationError` naming each bad variable and what it allows.
+    Raises :class:`ConfigurationError` naming each bad variable and what it allows. The
+    credentials the settings hold are masked from then on (see :func:`secret_values`).
     """
     try:
-        return Settings(**overrides)  # type: ignore[arg-type]
+        settings = Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as error:
         raise ConfigurationError(_explain(error)) from error
+    add_secrets(*secret_values(settings))  # masked in every message of this process from now on
+    return settings
 
 
 _cached: Settings | None = None

@@ -21,6 +21,7 @@ import functools
 import http.client
 import io
 import json
+import secrets
 import select
 import socket
 import struct
@@ -39,6 +40,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from tests.conftest import SlackReceiver
+from tests.integration.credentials import Secrets, server_without_its_tracker
 from tests.integration.hostile_bodies import hostile_bodies, route_kind
 from tests.integration.model_server import running_server, save_model_folder
 from tests.unit.test_serve_api import BAD_REQUESTS as UNIT_BAD_REQUESTS
@@ -964,3 +967,47 @@ def test_small_requests_stay_fast_while_large_ones_are_in_flight(
             assert answer.status == 200, (kind, answer.body[:300])
     assert latencies, "no small request went out while large ones were in flight"
     assert max(latencies) < SMALL_LIMIT_S, f"slowest small answers: {sorted(latencies)[-3:]} s"
+
+
+# --- credentials: no answer, log line or Slack message carries one -----------------------------
+
+
+@pytest.mark.parametrize("tracker", ["down", "refusing"])
+def test_no_answer_log_line_or_slack_message_carries_a_credential(
+    tracker: str, slack_receiver: SlackReceiver, tmp_path: Path
+) -> None:
+    """A credential in every setting; MLflow down (the alias cannot be looked up) or refusing
+    (version 7 is named, then fails to load with MLflow quoting the tracking URI in full).
+    Every endpoint is asked, and the answers, the server's log and Slack are searched."""
+    secret = Secrets(f"S3cr3t{secrets.token_hex(6)}")
+    for value in secret.values.values():
+        watch(value)
+    seen = server_without_its_tracker(tracker, secret, slack_receiver, tmp_path)
+
+    others = 0
+    for request, status, body in seen.answers:
+        case = f"credentials, MLflow {tracker}: {request}"
+        if 400 <= status < 500:
+            record(case, status, body.encode())
+        else:  # health, metrics, and the 503 that says why no model is loaded: searched too
+            others += 1
+            if secret.leaks(body):
+                SUMMARY.credentials_seen.append(case)
+    note = f"other answers searched for credentials, MLflow {tracker}"
+    SUMMARY.notes[note] = f"{others} (2xx, and 503 while no model can be loaded)"
+
+    statuses = {request: status for request, status, _ in seen.answers}
+    assert statuses["GET /readyz"] == 503
+    assert statuses[f"POST {PREDICT}"] == 503
+    assert all(status < 500 or status == 503 for status in statuses.values()), statuses
+    leaked = {request: secret.leaks(body) for request, _, body in seen.answers}
+    assert {request: names for request, names in leaked.items() if names} == {}
+    # Still useful: the answer names the server, without its password.
+    said = {request: body for request, _, body in seen.answers}
+    why = "GET /v1/models/tire" if tracker == "refusing" else "GET /readyz"
+    assert "alice:***@127.0.0.1" in said[why], said[why]
+    assert secret.leaks(seen.log) == []
+    assert "alice:***@127.0.0.1" in seen.log
+    assert all(secret.leaks(text) == [] for text in seen.slack), seen.slack
+    if tracker == "refusing":
+        assert seen.slack and "version 7" in seen.slack[0]

@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import tirelib
 from tirelib.errors import DataError, ImageTooLargeError
+from tirelib.logs import install_redaction
 from tirelib.serve.batching import DynamicBatcher
 from tirelib.serve.config import ServeConfig, load_serve_config
 from tirelib.serve.decoding import DecodeGate, PixelLimits
@@ -42,7 +43,8 @@ from tirelib.serve.model import (
 )
 from tirelib.serve.routes import health, tfserving, v2
 from tirelib.serve.schemas import ClassifyRequest, PredictRequest, V2InferRequest
-from tirelib.settings import Settings, get_settings
+from tirelib.settings import Settings, get_settings, secret_values
+from tirelib.urls import add_secrets, mask_credentials
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +106,8 @@ class BodyLimitMiddleware:
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
-    response = json_response({"error": shorten(message)}, status)
+    # Masked before shortened: a cut URL would hide its password from the mask.
+    response = json_response({"error": shorten(mask_credentials(message))}, status)
     if headers:
         response.headers.update(headers)
     return response
@@ -180,6 +183,8 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         resolved = settings or get_settings()
+        install_redaction()  # no log line of the server shows a credential
+        add_secrets(*secret_values(resolved))
         torch.set_num_threads(config.resolved_threads())
         model_source = source or RegistrySource(
             config.resolved_model_uri(resolved), tracking_uri=resolved.mlflow_tracking_uri

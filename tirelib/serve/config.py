@@ -14,6 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tirelib.errors import ConfigurationError
 from tirelib.settings import Settings
+from tirelib.urls import mask_credentials
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 
@@ -147,5 +148,6 @@ def load_serve_config(**overrides: object) -> ServeConfig:
         lines = []
         for item in error.errors():
             field = str(item["loc"][0]) if item["loc"] else "?"
-            lines.append(f"TIRE_SERVE_{field.upper()}={item.get('input')!r}: {item['msg']}")
+            line = f"TIRE_SERVE_{field.upper()}={item.get('input')!r}: {item['msg']}"
+            lines.append(mask_credentials(line))
         raise ConfigurationError("invalid server settings:\n  " + "\n  ".join(lines)) from error

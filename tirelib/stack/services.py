@@ -39,7 +39,7 @@ from tirelib.stack.process import (
     log_tail,
 )
 from tirelib.storage import s3_client
-from tirelib.urls import masked_url, sqlalchemy_url
+from tirelib.urls import mask_credentials, masked_url, sqlalchemy_url
 
 log = logging.getLogger(__name__)
 
@@ -93,11 +93,15 @@ def create_buckets(settings: Settings, names: Sequence[str]) -> None:
             code = error.response.get("Error", {}).get("Code", "")
             if code not in {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}:
                 raise StackError(
-                    f"cannot create bucket {name!r} at {settings.s3_endpoint_url}: {error}"
+                    mask_credentials(
+                        f"cannot create bucket {name!r} at {settings.s3_endpoint_url}: {error}"
+                    )
                 ) from error
         except BotoCoreError as error:
             raise StackError(
-                f"cannot create bucket {name!r} at {settings.s3_endpoint_url}: {error}"
+                mask_credentials(
+                    f"cannot create bucket {name!r} at {settings.s3_endpoint_url}: {error}"
+                )
             ) from error
         else:
             log.info("created bucket s3://%s", name)
