@@ -8,12 +8,13 @@ import logging
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 import pytest
 from botocore.exceptions import EndpointConnectionError
 
-from tirelib.errors import ConfigurationError, StorageUnavailableError
+from tirelib.errors import ConfigurationError, DatabaseUnavailableError, StorageUnavailableError
 from tirelib.logs import RedactingFilter
 from tirelib.pipeline import TaskFailure
 from tirelib.serve.client import ServingClient, ServingError
@@ -270,7 +271,7 @@ def test_slack_text_is_masked_before_it_is_sent(monkeypatch: pytest.MonkeyPatch)
     assert posted == ["failed: http://u:***@h/api"]
 
 
-# --- MLflow tags ----------------------------------------------------------------------------------
+# --- MLflow tags ---------------------------------------------------------------------------------
 
 
 def test_mlflow_tags_that_hold_a_credential_are_given_masked(
@@ -286,3 +287,29 @@ def test_mlflow_tags_that_hold_a_credential_are_given_masked(
     tags = tracking.lineage_tags()
     assert tags["mlflow.source.git.repoURL"] == "https://bot:***@git.example.com/tires.git"
     assert "mlflow.source.name" not in tags  # nothing to mask: MLflow's own value stands
+
+
+# --- PostgreSQL and Airflow -----------------------------------------------------------------------
+
+
+def test_a_database_that_cannot_be_reached_is_named_without_its_password(tmp_path: Path) -> None:
+    from tirelib.registry.locks import model_lock
+    from tirelib.stack import free_port
+
+    settings = load_settings(
+        home=tmp_path, database_url=f"postgresql://tire:{SECRET}@127.0.0.1:{free_port()}/mlflow"
+    )
+    with pytest.raises(DatabaseUnavailableError) as caught, model_lock(settings, timeout=5):
+        pass
+    assert "tire:***@127.0.0.1" in str(caught.value)
+    assert SECRET not in str(caught.value)
+
+
+def test_a_task_hands_its_secrets_to_airflows_masker_too() -> None:
+    from airflow.sdk.log import redact
+
+    from tirelib.pipeline import _mask_everywhere
+
+    _mask_everywhere([f"{SECRET}-airflow", ""])
+    assert SECRET not in str(redact(f"connection with {SECRET}-airflow failed"))
+    assert SECRET not in mask_credentials(f"connection with {SECRET}-airflow failed")
