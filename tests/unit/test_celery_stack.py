@@ -14,6 +14,7 @@ from tirelib.cli.exit_codes import ExitCode
 from tirelib.errors import ConfigurationError, StackError
 from tirelib.settings import load_settings, reset_settings
 from tirelib.stack import (
+    ManagedProcess,
     Stack,
     celery_components,
     check_broker,
@@ -135,3 +136,19 @@ def test_the_pinned_celery_executor_imports() -> None:
     from airflow.providers.celery.executors.celery_executor import CeleryExecutor
 
     assert not CeleryExecutor.is_local
+
+
+def test_status_and_down_find_the_layout_that_runs(tmp_path: Path) -> None:
+    """A stack started with --executor celery is shown and stopped with no flag."""
+    settings = load_settings(home=tmp_path, airflow_executor="LocalExecutor")
+    scheduler = ManagedProcess("airflow-scheduler", ["sleep", "60"], state_dir=settings.stack_dir)
+    settings.stack_dir.mkdir(parents=True)
+    scheduler.start()
+    try:
+        names = [status.name for status in Stack(settings).status()]
+        assert "airflow-scheduler" in names and "airflow" not in names
+        stopped = {status.name: pid for status, pid in Stack(settings).down()}
+        assert stopped["airflow-scheduler"] is not None
+        assert not scheduler.is_running()
+    finally:
+        scheduler.stop()

@@ -149,7 +149,7 @@ def celery_components(
     env = celery_env(settings)
 
     def process(
-        name: str, args: list[str], ready: Callable[[], bool] | None, **extra: object
+        name: str, title: str, args: list[str], ready: Callable[[], bool] | None, **extra: object
     ) -> ManagedProcess:
         return ManagedProcess(
             f"airflow-{name}",
@@ -158,7 +158,7 @@ def celery_components(
             ready=ready,
             env={**env, **{key: str(value) for key, value in extra.items()}},
             cwd=home,
-            title=f"Airflow {name}",
+            title=title,
             url=url if name == "api-server" else "",
             ports=(settings.airflow_port,) if name == "api-server" else (),
         )
@@ -171,7 +171,7 @@ def celery_components(
 
     components = [
         Component(
-            process("api-server", ["api-server"], HttpCheck(health, status=200)),
+            process("api-server", "Airflow API", ["api-server"], HttpCheck(health, status=200)),
             ready_timeout=180.0,
             stop_timeout=30.0,
             before_start=prepare,
@@ -180,19 +180,27 @@ def celery_components(
             ),
         ),
         Component(
-            process("scheduler", ["scheduler"], HealthCheck(health, "scheduler")),
+            process("scheduler", "Scheduler", ["scheduler"], HealthCheck(health, "scheduler")),
             ready_timeout=180.0,
             stop_timeout=30.0,
         ),
         Component(
-            process("dag-processor", ["dag-processor"], HealthCheck(health, "dag_processor")),
+            process(
+                "dag-processor",
+                "DAG processor",
+                ["dag-processor"],
+                HealthCheck(health, "dag_processor"),
+            ),
             ready_timeout=180.0,
             stop_timeout=30.0,
         ),
         Component(
             # Logs are files on this machine, read by the api-server: no log server needed.
             process(
-                "triggerer", ["triggerer", "--skip-serve-logs"], HealthCheck(health, "triggerer")
+                "triggerer",
+                "Triggerer",
+                ["triggerer", "--skip-serve-logs"],
+                HealthCheck(health, "triggerer"),
             ),
             ready_timeout=180.0,
             stop_timeout=30.0,
@@ -205,6 +213,7 @@ def celery_components(
         name = worker_name(queue)
         worker = process(
             f"worker-{queue}",
+            f"Worker {queue}",
             [
                 "celery",
                 "worker",
@@ -221,6 +230,5 @@ def celery_components(
         )
         # Celery logs "<name> ready." once it consumes from the broker.
         worker.ready = LogLineCheck(worker, f"{name} ready.")
-        worker.title = f"Celery worker {queue}"
         components.append(Component(worker, ready_timeout=180.0, stop_timeout=60.0))
     return components

@@ -65,9 +65,11 @@ class Stack:
         return results
 
     def status(self) -> list[ComponentStatus]:
-        return [
-            component.status() for component in [*self.components, *self._other_layout_running()]
-        ]
+        others = self._other_layout_running()
+        own = self.components
+        if others:  # started with the other executor: show its Airflow, not this one's absence
+            own = [c for c in own if c.name != "airflow" and not c.name.startswith("airflow-")]
+        return [component.status() for component in [*own, *others]]
 
     def _other_layout_running(self) -> list[Component]:
         """Airflow's components of the other executor's layout that have a pid file."""
