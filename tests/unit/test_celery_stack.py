@@ -131,11 +131,23 @@ def test_stack_up_with_celery_and_no_postgresql_exits_with_the_reason(tmp_path: 
     assert not (tmp_path / "stack").exists()  # nothing was started
 
 
-def test_the_pinned_celery_executor_imports() -> None:
+def test_the_pinned_celery_executor_imports(tmp_path: Path) -> None:
     """The provider's executor must load with the pinned celery (5.7 removed what it imports)."""
-    from airflow.providers.celery.executors.celery_executor import CeleryExecutor
-
-    assert not CeleryExecutor.is_local
+    code = (
+        "from airflow.providers.celery.executors.celery_executor import CeleryExecutor\n"
+        "assert not CeleryExecutor.is_local\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
+    env["AIRFLOW_HOME"] = str(tmp_path)  # Airflow writes a default config where it starts
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_status_and_down_find_the_layout_that_runs(tmp_path: Path) -> None:
