@@ -633,7 +633,7 @@ def test_a_server_stopped_mid_promotion_leaves_a_consistent_registry(
                 call()
 
         down = _cli("registry", "info")
-        assert down.returncode == 2
+        assert down.returncode == 3  # a service is unreachable: worth a retry later
         assert f"error: cannot reach the MLflow tracking server at {url}" in down.stderr
         assert "Traceback" not in down.stderr
 
