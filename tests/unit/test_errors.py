@@ -31,6 +31,7 @@ from tirelib.errors import (
     ConfigurationError,
     DatabaseUnavailableError,
     DataError,
+    ImageTooLargeError,
     PromotionConflictError,
     RegistryError,
     RegistryUnavailableError,
@@ -59,6 +60,7 @@ DECISIONS = {
     DatabaseUnavailableError: "retry",
     DataError: "fail",
     VersionExistsError: "fail",
+    ImageTooLargeError: "fail",
     ConfigurationError: "fail",
     # Stale evidence: retrying promote would judge the same evaluate result again.
     PromotionConflictError: "fail",
