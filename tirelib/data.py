@@ -51,6 +51,7 @@ from tirelib.storage import (
     processing_key,
     raw_prefix,
     split_key,
+    upload_marker_key,
 )
 
 log = logging.getLogger(__name__)
@@ -437,9 +438,15 @@ def upload_version(
         if there and there.size == record.size and there.etag == image.md5:
             continue
         todo.append((record, image))
-    stale = [key for key in present if key not in wanted and key != manifest_key(version)]
+    own = {manifest_key(version), upload_marker_key(version)}
+    stale = [key for key in present if key not in wanted and key not in own]
     if stale:
         store.delete(stale)
+    # Until the manifest is written, this marks the version as an upload under way: the sensor
+    # leaves it alone however long an interrupted upload waits to be resumed.
+    store.put_json(
+        upload_marker_key(version), {"version": version, "started_at": _now(), "files": len(todo)}
+    )
 
     def send(record: Record, image: LocalImage) -> None:
         content_type = _CONTENT_TYPES.get(image.path.suffix.lower(), "application/octet-stream")
@@ -481,6 +488,7 @@ def upload_version(
             log.warning("upload stopped: %s", stopped)
             raise
     store.put_json(manifest_key(version), manifest.to_json())
+    store.delete([upload_marker_key(version)])
     log.info(
         "uploaded version %s: %d sent, %d already there",
         version,
@@ -512,6 +520,7 @@ def decide_state(
     last_change: datetime | None = None,
     now: datetime | None = None,
     settle_seconds: float = 0,
+    upload_open: bool = False,
 ) -> VersionState:
     """A version's state from its markers and, without a manifest, from its newest object.
 
@@ -527,7 +536,7 @@ def decide_state(
         return VersionState.PROCESSING
     if complete:
         return VersionState.NEW
-    if last_change is None:
+    if last_change is None or upload_open:  # tirelib's uploader has not finished (or resumes)
         return VersionState.UPLOADING
     age = ((now or datetime.now(UTC)) - last_change).total_seconds()
     return VersionState.NEW if age >= settle_seconds else VersionState.UPLOADING
@@ -644,6 +653,7 @@ def list_versions(
             last_change=changed,
             now=now,
             settle_seconds=settle_seconds,
+            upload_open=store.exists(upload_marker_key(name)),
         )
         return VersionInfo(
             name, False, done, state=state, last_change=_iso(changed), failure=failure
@@ -777,7 +787,8 @@ def ingest_version(
     objects = [
         o
         for o in store.iter_objects(prefix)
-        if o.key != manifest_key(version) and not o.key.endswith("/")  # "/": console folders
+        if o.key not in {manifest_key(version), upload_marker_key(version)}
+        and not o.key.endswith("/")  # "/": console folders
     ]
     skipped: list[Skipped] = []
     candidates = []
@@ -835,6 +846,7 @@ def ingest_version(
         store.delete([manifest_key(version), processed_key(version)])
         store.delete(split_key(version, s) for s in SPLITS)
     store.put_json(manifest_key(version), manifest.to_json())
+    store.delete([upload_marker_key(version)])  # an interrupted upload, taken as it is
     log.info(
         "ingested version %s: %s, %d skipped",
         version,

@@ -53,6 +53,7 @@ PROCESSED_PREFIX = "state/processed/"
 PROCESSING_PREFIX = "state/processing/"
 FAILED_PREFIX = "state/failed/"
 MANIFEST_NAME = "_manifest.json"
+UPLOAD_MARKER_NAME = "_upload.json"
 
 
 def raw_prefix(version: str) -> str:
@@ -61,6 +62,12 @@ def raw_prefix(version: str) -> str:
 
 def manifest_key(version: str) -> str:
     return f"{RAW_PREFIX}{version}/{MANIFEST_NAME}"
+
+
+def upload_marker_key(version: str) -> str:
+    """Written by ``tirelib data upload`` before its first file and removed after the manifest:
+    while it is there, the sensor never ingests the version half-sent."""
+    return f"{RAW_PREFIX}{version}/{UPLOAD_MARKER_NAME}"
 
 
 def split_key(version: str, split: str) -> str:

@@ -19,10 +19,16 @@ import pytest
 from PIL import Image
 
 from tirelib.cli.exit_codes import ExitCode
-from tirelib.data import upload_version
+from tirelib.data import VersionState, list_versions, upload_version
 from tirelib.settings import Settings
 from tirelib.stack import free_port
-from tirelib.storage import ObjectInfo, ObjectStore, manifest_key, raw_prefix
+from tirelib.storage import (
+    ObjectInfo,
+    ObjectStore,
+    manifest_key,
+    raw_prefix,
+    upload_marker_key,
+)
 from tirelib.synth import generate
 
 pytestmark = pytest.mark.integration
@@ -71,7 +77,12 @@ def _noise_images(root: Path, count: int) -> None:
 
 
 def _objects(store: ObjectStore, version: str) -> dict[str, ObjectInfo]:
-    return {o.key: o for o in store.iter_objects(raw_prefix(version))}
+    """The version's images and manifest (not the uploader's own in-progress marker)."""
+    return {
+        o.key: o
+        for o in store.iter_objects(raw_prefix(version))
+        if o.key != upload_marker_key(version)
+    }
 
 
 def test_ctrl_c_stops_an_upload_at_once_and_the_next_run_resumes(
@@ -110,6 +121,10 @@ def test_ctrl_c_stops_an_upload_at_once_and_the_next_run_resumes(
     assert len(there) == sent  # what it says it sent is exactly what is there
     assert manifest_key(version) not in there  # not complete, so no sensor takes it
     assert "again" in stderr  # it says how to resume
+    # However long it waits to be resumed, the sensor does not ingest it half-sent.
+    assert store.exists(upload_marker_key(version))
+    waiting = {i.version: i.state for i in list_versions(store, settle_seconds=0)}
+    assert waiting[version] is VersionState.UPLOADING
 
     again = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -120,6 +135,8 @@ def test_ctrl_c_stops_an_upload_at_once_and_the_next_run_resumes(
     images = [o.last_modified for k, o in finished.items() if k != manifest_key(version)]
     assert manifest.last_modified is not None and None not in images
     assert manifest.last_modified >= max(t for t in images if t is not None)  # written last
+    assert not store.exists(upload_marker_key(version))
+    assert {i.version: i.state for i in list_versions(store)}[version] is VersionState.NEW
 
 
 def test_an_upload_reports_what_it_cannot_send_and_sends_the_rest(

@@ -56,6 +56,14 @@ def test_a_version_without_manifest_is_uploading_until_it_settles(
     assert state is expected
 
 
+def test_an_unfinished_tirelib_upload_stays_uploading_however_old() -> None:
+    long_ago = NOW - timedelta(days=3)
+    state = decide_state(
+        complete=False, last_change=long_ago, now=NOW, settle_seconds=120, upload_open=True
+    )
+    assert state is VersionState.UPLOADING
+
+
 def test_a_failed_mark_holds_even_while_objects_still_arrive() -> None:
     state = decide_state(complete=False, failed=True, last_change=NOW, now=NOW, settle_seconds=120)
     assert state is VersionState.FAILED
