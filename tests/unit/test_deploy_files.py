@@ -725,3 +725,24 @@ def test_prometheus_config_is_valid_and_a_broken_one_is_not(tmp_path: Path) -> N
     assert done.returncode == 0, done.stdout + done.stderr
     broken = broken_copy(tmp_path, config, lambda t: t.replace("type: A", "type: B"))
     assert run(tool("promtool"), "check", "config", "--syntax-only", broken).returncode != 0
+
+
+def pgpool_backend_problems(config: dict[str, Any]) -> list[str]:
+    """PgPool may open num_init_children x max_pool backend connections: PostgreSQL must take
+    them all, with room to spare for superusers, or clients fail under load."""
+    services = config["services"]
+    pool = services["pgpool"]["environment"]
+    backends = int(pool["PGPOOL_NUM_INIT_CHILDREN"]) * int(pool["PGPOOL_MAX_POOL"])
+    command = services["postgres"].get("command") or []
+    settings = dict(item.split("=", 1) for item in command if isinstance(item, str) and "=" in item)
+    limit = int(settings.get("max_connections", 100))  # PostgreSQL's default
+    if backends + 3 > limit:  # superuser_reserved_connections is 3 by default
+        return [f"pgpool may open {backends} backend connections, PostgreSQL takes {limit}"]
+    return []
+
+
+def test_pgpool_never_opens_more_connections_than_postgresql_takes() -> None:
+    config = yaml.safe_load(COMPOSE.read_text())
+    assert pgpool_backend_problems(config) == []
+    config["services"]["pgpool"]["environment"]["PGPOOL_MAX_POOL"] = "4"
+    assert pgpool_backend_problems(config)  # the check can fail
