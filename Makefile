@@ -59,6 +59,21 @@ $(SYSTEM_STAMP): | $(STAMP)
 	    echo "pgpool is not installed: its test will be skipped (apt-get install pgpool2)"; \
 	  fi; \
 	fi
+	@# Alertmanager and amtool (Debian's prometheus-alertmanager) for the tests of
+	@# docker/alertmanager/. The tests run their own Alertmanager on a free port: the package's
+	@# service is stopped and disabled where it started (by its pid file, through its init script).
+	@if ! command -v amtool >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	      apt-get install -y -qq --no-install-recommends prometheus-alertmanager >/dev/null; \
+	    if [ -d /run/systemd/system ]; then \
+	      systemctl disable --now prometheus-alertmanager >/dev/null 2>&1 || true; \
+	    elif [ -e /run/prometheus/prometheus-alertmanager.pid ]; then \
+	      /etc/init.d/prometheus-alertmanager stop || true; fi; \
+	  else \
+	    echo "amtool is not installed: its tests fail (apt-get install prometheus-alertmanager)"; \
+	  fi; \
+	fi
 	touch $@
 
 system-deps: $(SYSTEM_STAMP)

@@ -275,6 +275,7 @@ def test_docker_compose_renders_the_file_with_every_variable_defined() -> None:
         "server",
         "lb",
         "prometheus",
+        "alertmanager",
         "grafana",
     }
     assert set(config["volumes"]) >= {"postgres-data", "s3-data", "airflow-logs"}
