@@ -290,3 +290,51 @@ def test_the_contract_follows_prometheus_conventions_and_is_read_by_the_rules() 
         assert name.endswith("_total") == (kind == "counter"), name
         if "timestamp" in name:
             assert name.endswith("_timestamp_seconds"), name
+
+
+_SELECTOR = re.compile(r"(?<![\w:])(tire_[a-z0-9_]+)\s*\{([^}]*)\}")
+_MATCHER = re.compile(r"(\w+)\s*(?:=~|!~|!=|=)")
+_TARGET_LABELS = {"job", "instance"}
+
+
+def metric_labels() -> dict[str, set[str]]:
+    """Label names of every metric, exported (the server's registry) or in the contract."""
+    from prometheus_client.metrics import MetricWrapperBase
+
+    metrics = ServeMetrics()
+    metrics.model_loaded(version="1", model_type="resnet18", name="tire")  # the Info's labels
+    labels: dict[str, set[str]] = {}
+    for family in metrics.registry.collect():
+        for sample in family.samples:
+            labels.setdefault(sample.name, set()).update(sample.labels)
+    for metric in vars(metrics).values():
+        if isinstance(metric, MetricWrapperBase):
+            for name in exported_metrics():
+                if name.startswith(metric._name):  # counters with no child yet have no samples
+                    labels.setdefault(name, set()).update(metric._labelnames)
+    for name, _, names in re.findall(
+        r"^\| `(tire_[a-z0-9_]+)` \| (\w+) \| ([^|]*) \|", CONTRACT.read_text(), re.M
+    ):
+        labels[name] = set(re.findall(r"`(\w+)`", names))
+    return labels
+
+
+def unknown_labels(rules: list[dict[str, Any]]) -> set[str]:
+    known = metric_labels()
+    found = set()
+    for rule in rules:
+        for name, body in _SELECTOR.findall(rule["expr"]):
+            for label in _MATCHER.findall(body):
+                if label not in known.get(name, set()) | _TARGET_LABELS:
+                    found.add(f"{name}{{{label}}}")
+    return found
+
+
+def test_every_label_a_rule_selects_on_is_one_the_metric_has() -> None:
+    assert metric_labels()["tire_http_requests_total"] >= {"endpoint", "status"}
+    assert unknown_labels(all_rules()) == set()
+    renamed = [
+        {**rule, "expr": rule["expr"].replace('status=~"5.."', 'code=~"5.."')}
+        for rule in all_rules()
+    ]
+    assert unknown_labels(renamed) == {"tire_http_requests_total{code}"}
