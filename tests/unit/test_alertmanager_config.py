@@ -27,6 +27,7 @@ RULES = ROOT / "docker" / "prometheus" / "rules" / "alerts.yml"
 SERVER_DOWN = "TireServerDown"
 SERVER_ALERTS = {
     "TireServerDown",
+    "TireServerReplicaDown",
     "TireServer5xxRatioHigh",
     "TireServerLatencyP99High",
     "TireModelNotLoaded",

@@ -178,7 +178,8 @@ def test_every_alert_has_a_case_where_it_fires_and_one_where_it_stays_quiet() ->
 
 # A threshold changed in a copy of alerts.yml: the test file's firing or quiet case must notice.
 MUTATIONS = [
-    ("TireServerDown", "server.yml", 'up{job="model-server"} == 0', 'up{job="model-server"} == 2'),
+    ("TireServerDown", "server.yml", '"model-server"}) == 0', '"model-server"}) == 2'),
+    ("TireServerReplicaDown", "server.yml", 'expr: up{job="model-server"} == 0', "expr: up == 2"),
     ("TireServer5xxRatioHigh", "server.yml", "ratio_rate5m > 0.05", "ratio_rate5m > 0.5"),
     ("TireServerLatencyP99High", "server.yml", "p99_5m > 0.5", "p99_5m > 1"),
     ("TireModelNotLoaded", "server.yml", 'tire_model_info{version!=""}', "tire_model_info"),
