@@ -276,6 +276,7 @@ def test_docker_compose_renders_the_file_with_every_variable_defined() -> None:
         "lb",
         "prometheus",
         "alertmanager",
+        "pushgateway",
         "grafana",
     }
     assert set(config["volumes"]) >= {"postgres-data", "s3-data", "airflow-logs"}
