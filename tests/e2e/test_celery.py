@@ -16,19 +16,17 @@ from contextlib import contextmanager
 import pytest
 
 from tests.conftest import S3Server, SlackReceiver, fresh_database
-from tests.e2e.test_pipeline import PIPELINE, SENSOR, _easy
+from tests.e2e.test_pipeline import PIPELINE, SENSOR, _easy, e2e_settings
 from tests.e2e.test_pipeline import Stack as Pipeline
 from tirelib.airflow_api import AirflowClient
 from tirelib.data import upload_version
 from tirelib.registry import info
-from tirelib.settings import load_settings
 from tirelib.stack import (
     Stack,
     airflow_password,
     airflow_url,
     celery_components,
     create_buckets,
-    free_port,
     worker_name,
 )
 from tirelib.storage import ObjectStore, processed_key
@@ -80,29 +78,21 @@ def pipeline(
     _slack_server: SlackReceiver,
 ) -> Iterator[Pipeline]:
     home = tmp_path_factory.mktemp("celery")
-    suffix = secrets.token_hex(4)
     with (
         fresh_database("tirelib_test_celery") as airflow_db,
         claimed_redis_database() as broker,
     ):
-        settings = load_settings(
-            home=home / "home",
-            s3_endpoint_url=s3_server.endpoint_url,
-            aws_access_key_id=s3_server.access_key,
-            aws_secret_access_key=s3_server.secret_key,
-            data_bucket=f"tire-data-{suffix}",
-            mlflow_tracking_uri=mlflow_server,
-            experiment=f"tire-celery-{suffix}",
-            model_name=f"tire-celery-{suffix}",
-            slack_webhook_url=_slack_server.url,
-            airflow_port=free_port(),
+        settings = e2e_settings(
+            home,
+            "celery",
+            s3_server,
+            mlflow_server,
+            _slack_server,
             airflow_database_url=airflow_db,
             airflow_executor="CeleryExecutor",
             celery_broker_url=broker,
             celery_worker_concurrency=2,
             training_queue=TRAINING_QUEUE,
-            sensor_poke_seconds=5,
-            settle_seconds=5,
             pipeline_epochs=1,
             min_accuracy=0.0,  # any trained model is good enough: this test is about where
             min_f1=0.0,  # the tasks run

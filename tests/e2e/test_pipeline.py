@@ -66,6 +66,34 @@ class Stack:
         return len(runs), len(versions)
 
 
+def e2e_settings(
+    home: Path,
+    name: str,
+    s3_server: S3Server,
+    mlflow_server: str,
+    slack: SlackReceiver,
+    **overrides: object,
+) -> Settings:
+    """Settings of an Airflow stack on the session's servers, with a bucket, an experiment and
+    a model of its own, the sensor looking every 5 s and uploads settling after 5 s."""
+    suffix = secrets.token_hex(4)
+    values: dict[str, object] = {
+        "home": home / "home",
+        "s3_endpoint_url": s3_server.endpoint_url,
+        "aws_access_key_id": s3_server.access_key,
+        "aws_secret_access_key": s3_server.secret_key,
+        "data_bucket": f"tire-data-{suffix}",
+        "mlflow_tracking_uri": mlflow_server,
+        "experiment": f"tire-{name}-{suffix}",
+        "model_name": f"tire-{name}-{suffix}",
+        "slack_webhook_url": slack.url,
+        "airflow_port": free_port(),
+        "sensor_poke_seconds": 5,
+        "settle_seconds": 5,
+    }
+    return load_settings(**{**values, **overrides})
+
+
 @pytest.fixture(scope="module")
 def stack(
     tmp_path_factory: pytest.TempPathFactory,
@@ -74,22 +102,14 @@ def stack(
     _slack_server: SlackReceiver,
 ) -> Iterator[Stack]:
     home = tmp_path_factory.mktemp("e2e")
-    suffix = secrets.token_hex(4)
     with fresh_database("tirelib_test_airflow") as airflow_db:
-        settings = load_settings(
-            home=home / "home",
-            s3_endpoint_url=s3_server.endpoint_url,
-            aws_access_key_id=s3_server.access_key,
-            aws_secret_access_key=s3_server.secret_key,
-            data_bucket=f"tire-data-{suffix}",
-            mlflow_tracking_uri=mlflow_server,
-            experiment=f"tire-e2e-{suffix}",
-            model_name=f"tire-e2e-{suffix}",
-            slack_webhook_url=_slack_server.url,
-            airflow_port=free_port(),
+        settings = e2e_settings(
+            home,
+            "e2e",
+            s3_server,
+            mlflow_server,
+            _slack_server,
             airflow_database_url=airflow_db,
-            sensor_poke_seconds=5,
-            settle_seconds=5,
             pipeline_epochs=3,
             min_accuracy=0.7,
             min_f1=0.6,
