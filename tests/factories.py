@@ -4,9 +4,12 @@ the way any S3 client makes one."""
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 from pathlib import Path
 
 import boto3
+import numpy as np
 from botocore.config import Config
 from PIL import Image
 
@@ -87,3 +90,36 @@ def upload_with_boto3(
     for name, data in (extra or {}).items():
         client.put_object(Bucket=settings.data_bucket, Key=f"raw/{version}/{name}", Body=data)
     return len(files)
+
+
+def header_bomb(image: bytes, kind: str, width: int, height: int) -> bytes:
+    """``image`` (a small valid PNG, GIF or JPEG) with a header declaring ``width`` x ``height``
+    pixels: a decompression bomb that costs nothing to send."""
+    data = bytearray(image)
+    if kind == "PNG":  # IHDR: width and height, then the chunk's CRC
+        data[16:24] = struct.pack(">II", width, height)
+        data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    elif kind == "GIF":  # the logical screen and the first image descriptor
+        data[6:10] = struct.pack("<HH", width, height)
+        start = data.index(b"\x2c", 13)
+        data[start + 5 : start + 9] = struct.pack("<HH", width, height)
+    else:  # JPEG: the start-of-frame segment holds height, then width
+        start = data.index(b"\xff\xc0")
+        data[start + 5 : start + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def png16(values: np.ndarray) -> bytes:
+    """A 16-bit PNG written chunk by chunk: grayscale for 2-D ``values``, RGB for H x W x 3."""
+    height, width = values.shape[:2]
+    colour = 0 if values.ndim == 2 else 2
+    rows = values.reshape(height, -1).astype(">u2")
+    raw = b"".join(b"\x00" + row.tobytes() for row in rows)
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body)
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", width, height, 16, colour, 0, 0, 0)
+    image = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + image

@@ -24,10 +24,8 @@ import json
 import secrets
 import select
 import socket
-import struct
 import threading
 import time
-import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +39,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from tests.conftest import SlackReceiver
+from tests.factories import header_bomb, png16
 from tests.integration.credentials import Secrets, server_without_its_tracker
 from tests.integration.hostile_bodies import hostile_bodies, route_kind
 from tests.integration.model_server import running_server, save_model_folder
@@ -794,34 +793,7 @@ def _encode(pixels: np.ndarray, kind: str) -> bytes:
 
 def _bomb(kind: str) -> bytes:
     """A small valid PNG/JPEG/GIF whose header declares 50,000 x 50,000 pixels."""
-    data = bytearray(_encode(_smooth(8), kind))
-    if kind == "PNG":  # IHDR's width and height, then the chunk's CRC
-        data[16:24] = struct.pack(">II", BOMB_SIDE, BOMB_SIDE)
-        data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
-    elif kind == "GIF":  # the logical screen and the first image descriptor
-        data[6:10] = struct.pack("<HH", BOMB_SIDE, BOMB_SIDE)
-        start = data.index(b"\x2c", 13)
-        data[start + 5 : start + 9] = struct.pack("<HH", BOMB_SIDE, BOMB_SIDE)
-    else:  # JPEG: the start-of-frame segment holds height, then width
-        start = data.index(b"\xff\xc0")
-        data[start + 5 : start + 9] = struct.pack(">HH", BOMB_SIDE, BOMB_SIDE)
-    return bytes(data)
-
-
-def _png16(values: np.ndarray) -> bytes:
-    """A 16-bit PNG written chunk by chunk: grayscale for 2-D ``values``, RGB for H x W x 3."""
-    height, width = values.shape[:2]
-    rows = values.reshape(height, -1).astype(">u2")
-    raw = b"".join(b"\x00" + row.tobytes() for row in rows)
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        crc = zlib.crc32(kind + body)
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
-
-    colour = 0 if values.ndim == 2 else 2  # grayscale or RGB
-    header = struct.pack(">IIBBBBB", width, height, 16, colour, 0, 0, 0)
-    image = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
-    return b"\x89PNG\r\n\x1a\n" + image
+    return header_bomb(_encode(_smooth(8), kind), kind, BOMB_SIDE, BOMB_SIDE)
 
 
 def _image_case(name: str, route: str, images: list[bytes], status: int, message: str) -> Case:
@@ -891,8 +863,8 @@ def test_a_request_over_the_pixel_budget_is_a_413(server: str) -> None:
 def test_a_16_bit_png_predicts_what_its_8_bit_version_does(server: str) -> None:
     gray, colour = _smooth(48)[:, :, 0], _smooth(48, seed=7)
     pairs = {
-        "16-bit grayscale PNG": (_encode(gray, "PNG"), _png16(gray.astype(np.uint16) * 257)),
-        "16-bit RGB PNG": (_encode(colour, "PNG"), _png16(colour.astype(np.uint16) * 257)),
+        "16-bit grayscale PNG": (_encode(gray, "PNG"), png16(gray.astype(np.uint16) * 257)),
+        "16-bit RGB PNG": (_encode(colour, "PNG"), png16(colour.astype(np.uint16) * 257)),
     }
     with Connection(server) as connection:
         for name, (eight, sixteen) in pairs.items():

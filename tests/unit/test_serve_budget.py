@@ -7,8 +7,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import struct
-import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,6 +16,7 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from tests.factories import header_bomb, png16
 from tirelib.errors import DataError, ImageTooLargeError
 from tirelib.models import IMAGENET_MEAN, IMAGENET_STD, get_model
 from tirelib.preprocessing import MAX_IMAGE_PIXELS, Preprocessing, open_image
@@ -68,38 +67,7 @@ def rgb(height: int, width: int, seed: int = 0) -> np.ndarray:
 
 def bomb(kind: str, width: int = BOMB, height: int = BOMB) -> bytes:
     """A small valid image whose header declares ``width`` x ``height`` pixels."""
-    data = bytearray(encode(rgb(8, 8), kind))
-    if kind == "PNG":  # IHDR: width and height, then the chunk's CRC
-        data[16:24] = struct.pack(">II", width, height)
-        data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
-    elif kind == "GIF":  # the logical screen and the first image descriptor
-        data[6:10] = struct.pack("<HH", width, height)
-        start = data.index(b"\x2c", 13)
-        data[start + 5 : start + 9] = struct.pack("<HH", width, height)
-    else:  # JPEG: the start-of-frame marker holds height, then width
-        start = data.index(b"\xff\xc0")
-        data[start + 5 : start + 9] = struct.pack(">HH", height, width)
-    return bytes(data)
-
-
-def png16(values: np.ndarray) -> bytes:
-    """A 16-bit PNG written chunk by chunk: grayscale for 2-D ``values``, RGB for HxWx3."""
-    height, width = values.shape[:2]
-    colour = 0 if values.ndim == 2 else 2
-    rows = values.reshape(height, -1).astype(">u2")
-    raw = b"".join(b"\x00" + row.tobytes() for row in rows)
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        crc = zlib.crc32(kind + body)
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
-
-    header = struct.pack(">IIBBBBB", width, height, 16, colour, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(raw))
-        + chunk(b"IEND", b"")
-    )
+    return header_bomb(encode(rgb(8, 8), kind), kind, width, height)
 
 
 def b64(data: bytes) -> dict[str, str]:
