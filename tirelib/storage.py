@@ -1,8 +1,10 @@
 """S3 access and the local content-addressed cache.
 
 The data lake's layout (``raw/<version>/<label>/<file>``, ``raw/<version>/_manifest.json``,
-``splits/<version>/<split>.json``, ``state/{processed,processing,failed}/<version>.json``) is
-spelled out once here; every other module asks this one for keys. Listing always paginates: a
+``splits/<version>/<split>.json``, ``state/{processed,processing,failed}/<version>.json``,
+``feedback/<date>/<part>.jsonl``, ``captures/<date>/<request id>-<i>.<ext>``,
+``inbox/<batch>/...`` and ``predictions/<batch>.jsonl``) is spelled out once here; every other
+module asks this one for keys. Listing always paginates: a
 bare ``list_objects`` stops at 1,000 keys.
 """
 
@@ -52,6 +54,10 @@ SPLITS_PREFIX = "splits/"
 PROCESSED_PREFIX = "state/processed/"
 PROCESSING_PREFIX = "state/processing/"
 FAILED_PREFIX = "state/failed/"
+FEEDBACK_PREFIX = "feedback/"
+CAPTURES_PREFIX = "captures/"
+INBOX_PREFIX = "inbox/"
+PREDICTIONS_PREFIX = "predictions/"
 MANIFEST_NAME = "_manifest.json"
 UPLOAD_MARKER_NAME = "_upload.json"
 
@@ -86,6 +92,35 @@ def processing_key(version: str) -> str:
 def failed_key(version: str) -> str:
     """A version the pipeline gave up on: reason, task, run link, time."""
     return f"{FAILED_PREFIX}{version}.json"
+
+
+def feedback_key(day: str, part: str) -> str:
+    """True labels sent for served predictions, one JSON object a line (``day``: YYYY-MM-DD)."""
+    return f"{FEEDBACK_PREFIX}{day}/{part}.jsonl"
+
+
+def capture_key(day: str, request_id: str, index: int, ext: str) -> str:
+    """Instance ``index`` of request ``request_id``, as the client sent it (``ext``: png, jpg)."""
+    return f"{CAPTURES_PREFIX}{day}/{request_id}-{index}.{ext.lstrip('.')}"
+
+
+def parse_capture_name(name: str) -> tuple[str, int] | None:
+    """``(request id, index)`` of a capture's file name ``<request id>-<i>.<ext>``, or None."""
+    stem = name.rpartition(".")[0] or name
+    request_id, dash, index = stem.rpartition("-")
+    if not dash or not request_id or not index.isdigit():
+        return None
+    return request_id, int(index)
+
+
+def inbox_prefix(batch: str) -> str:
+    """Images dropped to be scored in bulk by the production model."""
+    return f"{INBOX_PREFIX}{batch}/"
+
+
+def predictions_key(batch: str) -> str:
+    """The scores of ``inbox/<batch>/``, one JSON object a line; its presence means done."""
+    return f"{PREDICTIONS_PREFIX}{batch}.jsonl"
 
 
 def s3_client(settings: Settings) -> S3Client:
