@@ -16,6 +16,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+# The baseline's file name, beside the logged model's config and as an artifact of its run.
+BASELINE_FILE = "baseline.json"
+
 # Upper bucket edges (Prometheus ``le``), shared by the baseline and the server's histograms.
 CONFIDENCE_BUCKETS: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 BRIGHTNESS_BUCKETS: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(1, 11))
@@ -62,6 +65,42 @@ class Baseline(BaseModel):
     confidence_counts: list[int] = Field(description="per CONFIDENCE_BUCKETS bucket, + overflow")
     brightness_counts: list[int] = Field(description="per BRIGHTNESS_BUCKETS bucket, + overflow")
     contrast_counts: list[int] = Field(description="per CONTRAST_BUCKETS bucket, + overflow")
+
+
+def compute_baseline(
+    classes: Sequence[str],
+    targets: np.ndarray,
+    probabilities: np.ndarray,
+    brightness: np.ndarray,
+    contrast: np.ndarray,
+) -> Baseline:
+    """The baseline of a model from its test split: true labels, predicted probabilities (one
+    row per image, one column per class) and each image's brightness and contrast."""
+    y = np.asarray(targets, dtype=np.int64).ravel()
+    p = np.asarray(probabilities, dtype=np.float64)
+    if p.ndim != 2 or p.shape != (y.shape[0], len(classes)):
+        raise ValueError(
+            f"expected probabilities of shape ({y.shape[0]}, {len(classes)}), got {p.shape}"
+        )
+    n = y.shape[0]
+    predicted = p.argmax(axis=1)
+    confidence = p.max(axis=1)
+
+    def shares(indices: np.ndarray) -> dict[str, float]:
+        counts = np.bincount(indices, minlength=len(classes))[: len(classes)]
+        return {name: float(c) / n if n else 0.0 for name, c in zip(classes, counts, strict=True)}
+
+    return Baseline(
+        classes=list(classes),
+        images=n,
+        class_share=shares(predicted),
+        label_share=shares(y),
+        confidence_mean=float(confidence.mean()) if n else 0.0,
+        test_accuracy=float((predicted == y).mean()) if n else 0.0,
+        confidence_counts=histogram(confidence, CONFIDENCE_BUCKETS),
+        brightness_counts=histogram(brightness, BRIGHTNESS_BUCKETS),
+        contrast_counts=histogram(contrast, CONTRAST_BUCKETS),
+    )
 
 
 def psi(expected: Sequence[float], actual: Sequence[float], *, floor: float = 1e-4) -> float:

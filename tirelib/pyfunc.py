@@ -3,12 +3,15 @@
 Any consumer (tirelib's server, ``mlflow models serve``, a batch job) that loads the model gets the
 same prediction from the same image bytes, because decoding and resizing live here, beside the
 network. Weights are a state dict loaded with ``weights_only=True``: nothing is unpickled.
+The model also carries its drift baseline (``baseline.json``, a :class:`~tirelib.drift.Baseline`),
+which the server exports beside the live statistics.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,10 +20,14 @@ import numpy as np
 import pandas as pd
 import torch
 from mlflow.pyfunc import PythonModel, PythonModelContext
+from pydantic import ValidationError
 
+from tirelib.drift import BASELINE_FILE, Baseline
 from tirelib.errors import DataError
 from tirelib.models import get_model
 from tirelib.preprocessing import Preprocessing, softmax
+
+log = logging.getLogger(__name__)
 
 INPUT_COLUMN = "image"
 
@@ -32,8 +39,10 @@ def write_model_files(
     model_type: str,
     classes: Sequence[str],
     prep: Preprocessing,
+    baseline: Baseline | None = None,
 ) -> dict[str, str]:
-    """Write the weights and the config the pyfunc loads; return them as pyfunc ``artifacts``."""
+    """Write the weights, the config and the baseline (when given) the pyfunc loads; return
+    them as pyfunc ``artifacts``."""
     directory.mkdir(parents=True, exist_ok=True)
     weights = directory / "weights.pt"
     config = directory / "model_config.json"
@@ -49,7 +58,12 @@ def write_model_files(
             indent=1,
         )
     )
-    return {"weights": str(weights), "config": str(config)}
+    artifacts = {"weights": str(weights), "config": str(config)}
+    if baseline is not None:
+        path = directory / BASELINE_FILE
+        path.write_text(baseline.model_dump_json(indent=1))
+        artifacts["baseline"] = str(path)
+    return artifacts
 
 
 class TireClassifier(PythonModel):
@@ -62,11 +76,22 @@ class TireClassifier(PythonModel):
     model_type: str
     prep: Preprocessing
     network: torch.nn.Module
+    # The drift baseline stored at training; None for a model logged before baselines were.
+    baseline: Baseline | None = None
 
     def load_context(self, context: PythonModelContext) -> None:
-        self.load(Path(context.artifacts["config"]), Path(context.artifacts["weights"]))
+        baseline = context.artifacts.get("baseline")
+        self.load(
+            Path(context.artifacts["config"]),
+            Path(context.artifacts["weights"]),
+            Path(baseline) if baseline else None,
+        )
 
-    def load(self, config_path: Path, weights_path: Path) -> None:
+    def load(
+        self, config_path: Path, weights_path: Path, baseline_path: Path | None = None
+    ) -> None:
+        """Load the config and weights; the baseline from ``baseline_path``, else from
+        ``baseline.json`` beside the config when there is one."""
         config = json.loads(config_path.read_text())
         self.classes = list(config["classes"])
         self.model_type = config["model_type"]
@@ -75,6 +100,7 @@ class TireClassifier(PythonModel):
         state = torch.load(weights_path, map_location="cpu", weights_only=True)
         network.load_state_dict(state)
         self.network = network.eval()
+        self.baseline = read_baseline(baseline_path or config_path.with_name(BASELINE_FILE))
 
     def predict_proba(self, batch: torch.Tensor) -> np.ndarray:
         """Class probabilities for a preprocessed NCHW batch."""
@@ -95,6 +121,18 @@ class TireClassifier(PythonModel):
         frame = pd.DataFrame(probabilities, columns=self.classes)
         frame["label"] = [self.classes[i] for i in probabilities.argmax(axis=1)]
         return frame
+
+
+def read_baseline(path: Path) -> Baseline | None:
+    """The baseline stored in ``path``; None when there is no such file, or it is unreadable
+    (a model serves without one: only monitoring loses its reference)."""
+    if not path.is_file():
+        return None
+    try:
+        return Baseline.model_validate_json(path.read_text())
+    except (OSError, ValidationError) as error:
+        log.warning("ignoring the model's unreadable drift baseline %s: %s", path.name, error)
+        return None
 
 
 def _as_bytes(value: Any) -> bytes:

@@ -37,6 +37,7 @@ from mlflow.tracking.context.registry import resolve_tags
 from mlflow.types import ColSpec, Schema, TensorSpec
 from PIL import Image
 
+from tirelib.drift import Baseline
 from tirelib.errors import RegistryUnavailableError, is_transient_http_status
 from tirelib.preprocessing import Preprocessing
 from tirelib.pyfunc import INPUT_COLUMN, TireClassifier, write_model_files
@@ -240,13 +241,21 @@ def log_model(
     prep: Preprocessing,
     name: str = "model",
     params: Mapping[str, Any] | None = None,
+    baseline: Baseline | None = None,
 ) -> str:
-    """Log the network as a pyfunc that decodes image bytes itself; return ``models:/<id>``."""
+    """Log the network as a pyfunc that decodes image bytes itself; return ``models:/<id>``.
+
+    ``baseline`` (the drift baseline of the test split) travels with the model."""
     import tirelib
 
     with tempfile.TemporaryDirectory(prefix="tire-model-") as tmp:
         artifacts = write_model_files(
-            Path(tmp), network, model_type=model_type, classes=classes, prep=prep
+            Path(tmp),
+            network,
+            model_type=model_type,
+            classes=classes,
+            prep=prep,
+            baseline=baseline,
         )
         example = pd.DataFrame({INPUT_COLUMN: [_example_png(min(prep.image_size, 64))]})
         info = mlflow.pyfunc.log_model(

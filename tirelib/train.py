@@ -19,13 +19,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from tirelib import drift
 from tirelib.config import OPTIMIZERS, SCHEDULERS, SweepMember, TrainConfig, make_config
 from tirelib.data import SplitManifest, TireImageDataset, ensure_splits, read_manifest
 from tirelib.evaluate import MODEL_URI_TAG, predict, sample_images, write_artifacts
@@ -211,6 +212,41 @@ def make_scheduler(
     return None
 
 
+# --- the drift baseline --------------------------------------------------------------------
+
+
+class ImageStatisticsTap:
+    """Iterates over a loader of normalised batches and records each image's brightness and
+    contrast (:func:`tirelib.drift.image_statistics`) on the way, on its pixels in [0, 1]
+    after resizing: normalisation is undone, so no image is decoded twice."""
+
+    def __init__(self, loader: DataLoader[Any], prep: Preprocessing) -> None:
+        self.loader = loader
+        self._mean = torch.tensor(prep.mean).view(1, 3, 1, 1)
+        self._std = torch.tensor(prep.std).view(1, 3, 1, 1)
+        self._brightness: list[np.ndarray] = []
+        self._contrast: list[np.ndarray] = []
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Any]:
+        self._brightness.clear()
+        self._contrast.clear()
+        for images, targets in self.loader:
+            pixels = (images.float() * self._std + self._mean).clamp_(0.0, 1.0)
+            brightness, contrast = drift.image_statistics(pixels.numpy())
+            self._brightness.append(brightness)
+            self._contrast.append(contrast)
+            yield images, targets
+
+    def statistics(self) -> tuple[np.ndarray, np.ndarray]:
+        """Brightness and contrast of every image seen by the last pass."""
+        if not self._brightness:
+            return np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.float32)
+        return np.concatenate(self._brightness), np.concatenate(self._contrast)
+
+
 # --- the whole recipe ----------------------------------------------------------------------
 
 
@@ -393,8 +429,15 @@ def train(
                 mlflow.log_metrics(row, step=epoch)
 
         fitted = fit(config, loaders, device, on_epoch=on_epoch, progress=progress)
-        test = predict(fitted.model, loaders.test, device, desc="test", progress=progress)
+        spec = get_spec(config.model_type)
+        prep = Preprocessing(config.size, spec.mean, spec.std)
+        tap = ImageStatisticsTap(loaders.test, prep)
+        # predict() only iterates and asks for the length: the tap stands in for the loader.
+        test = predict(fitted.model, cast(Any, tap), device, desc="test", progress=progress)
         metrics = compute_metrics(test.targets, test.probabilities, loaders.classes, loss=test.loss)
+        baseline = drift.compute_baseline(
+            loaders.classes, test.targets, test.probabilities, *tap.statistics()
+        )
         test_metrics = {**metrics.as_dict("test_"), "inference_ms_per_image": test.ms_per_image}
         log.info("test: %s", ", ".join(f"{k} {v:.4f}" for k, v in test_metrics.items()))
 
@@ -405,13 +448,15 @@ def train(
             mlflow.log_metrics(test_metrics)
             mlflow.log_metrics({"best_epoch": fitted.best_epoch, "epochs_run": len(fitted.history)})
             mlflow.set_tag("stop_reason", fitted.stop_reason)
-            spec = get_spec(config.model_type)
+            # Beside the model, and as a run artifact that monitoring reads by run id.
+            mlflow.log_dict(baseline.model_dump(mode="json"), drift.BASELINE_FILE)
             model_uri = tracking.log_model(
                 fitted.model.cpu(),
                 model_type=config.model_type,
                 classes=loaders.classes,
-                prep=Preprocessing(config.size, spec.mean, spec.std),
+                prep=prep,
                 params={"dataset_version": config.dataset_version},
+                baseline=baseline,
             )
             mlflow.set_tag(MODEL_URI_TAG, model_uri)
             with tempfile.TemporaryDirectory(prefix="tire-eval-") as tmp:

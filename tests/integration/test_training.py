@@ -11,9 +11,18 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from mlflow import MlflowClient
 
 from tirelib.data import read_split, upload_version
+from tirelib.drift import (
+    BASELINE_FILE,
+    BRIGHTNESS_BUCKETS,
+    CONTRAST_BUCKETS,
+    Baseline,
+    histogram,
+    image_statistics,
+)
 from tirelib.evaluate import MODEL_URI_TAG, evaluate_model, evaluate_run
 from tirelib.settings import Settings
 from tirelib.storage import ContentCache, ObjectStore
@@ -105,6 +114,22 @@ def test_the_logged_model_predicts_from_raw_image_bytes(
     inner = model.unwrap_python_model()
     direct = inner.predict_proba(inner.prep.batch([inner.prep.from_bytes(b) for b in frame.image]))
     assert np.allclose(predictions[["good", "defective"]].to_numpy(), direct, atol=1e-6)
+
+    # The drift baseline travels with the model, and with the run as baseline.json.
+    baseline = inner.baseline
+    assert baseline is not None
+    logged = mlflow.artifacts.load_dict(f"runs:/{result.run_id}/{BASELINE_FILE}")
+    assert Baseline.model_validate(logged) == baseline
+    assert baseline.test_accuracy == pytest.approx(result.test_metrics["test_accuracy"])
+    test_split = read_split(store, tiny_version, "test").records
+    assert baseline.images == len(test_split) == sum(baseline.confidence_counts)
+    # Brightness and contrast are those of the test images, resized, before normalisation.
+    prep = inner.prep
+    batch = prep.batch([prep.from_bytes(cache.path(r.sha256).read_bytes()) for r in test_split])
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (prep.mean, prep.std))
+    brightness, contrast = image_statistics((batch * std + mean).clamp(0, 1).numpy())
+    assert baseline.brightness_counts == histogram(brightness, BRIGHTNESS_BUCKETS)
+    assert baseline.contrast_counts == histogram(contrast, CONTRAST_BUCKETS)
 
 
 def test_evaluate_logs_to_the_run_on_another_version(
