@@ -31,6 +31,7 @@ from tirelib.serve.batching import DynamicBatcher
 from tirelib.serve.config import ServeConfig, load_serve_config
 from tirelib.serve.decoding import DecodeGate, PixelLimits
 from tirelib.serve.deps import ServeState, json_response, register_convertors
+from tirelib.serve.feedback import FeedbackStore
 from tirelib.serve.inputs import Limits
 from tirelib.serve.limits import HeaderLimitMiddleware, clip, shorten
 from tirelib.serve.metrics import HttpMetricsMiddleware, ServeMetrics
@@ -41,14 +42,21 @@ from tirelib.serve.model import (
     notify_slack,
     resolve_device,
 )
-from tirelib.serve.routes import health, tfserving, v2
-from tirelib.serve.schemas import ClassifyRequest, PredictRequest, V2InferRequest
+from tirelib.serve.request_id import RequestIdMiddleware
+from tirelib.serve.routes import feedback, health, tfserving, v2
+from tirelib.serve.schemas import (
+    ClassifyRequest,
+    FeedbackRequest,
+    PredictRequest,
+    V2InferRequest,
+)
+from tirelib.serve.sink import start_sink
 from tirelib.settings import Settings, get_settings, secret_values
 from tirelib.urls import add_secrets, mask_credentials
 
 log = logging.getLogger(__name__)
 
-BODY_MODELS = (PredictRequest, ClassifyRequest, V2InferRequest)
+BODY_MODELS = (PredictRequest, ClassifyRequest, V2InferRequest, FeedbackRequest)
 DESCRIPTION = """\
 Tire-defect classifier behind TensorFlow Serving's REST API (`/v1`) and the Open Inference
 Protocol (`/v2`). Images are HWC floats in [0, 1] of any size, or `{"b64": ...}` encoded bytes;
@@ -207,6 +215,7 @@ def create_app(
         )
         await batcher.start()
         holder.start()
+        sink = start_sink(config, resolved, metrics)
         log.info(
             "serving %s as '%s' (%s, %d threads, batches of up to %d, wait %g ms)",
             model_source.uri, config.name, holder.device, torch.get_num_threads(),
@@ -222,12 +231,16 @@ def create_app(
             limits=Limits(config.max_instances, config.max_image_side),
             pixels=PixelLimits.from_config(config),
             gate=DecodeGate(config.decode_budget_images, config.decode_queue_images),
+            feedback=FeedbackStore(config.feedback_window_requests, config.feedback_ttl_seconds),
+            sink=sink,
         )
         try:
             yield
         finally:
             holder.stop()
             await batcher.stop()
+            if sink is not None:  # what the answered requests left to write is written now
+                await asyncio.to_thread(sink.close)
 
     app = FastAPI(
         title="tirelib model server",
@@ -238,6 +251,7 @@ def create_app(
     app.include_router(health.router)
     app.include_router(tfserving.build_router(config.name))
     app.include_router(v2.build_router(config.name))
+    app.include_router(feedback.build_router(config.name))
     app.add_exception_handler(DataError, _data_error)
     app.add_exception_handler(ImageTooLargeError, _too_large)
     app.add_exception_handler(RequestValidationError, _validation_error)
@@ -249,6 +263,7 @@ def create_app(
         max_headers=config.max_headers,
         max_header_bytes=config.max_header_bytes,
     )
+    app.add_middleware(RequestIdMiddleware)  # every answer carries X-Request-ID, 4xx included
     app.add_middleware(HttpMetricsMiddleware, metrics=metrics)  # outermost: counts the 413s too
     app.openapi = functools.partial(_openapi, app)  # type: ignore[method-assign]
     return app

@@ -128,6 +128,49 @@ class ServeConfig(BaseSettings):
         default=True,
         description="Rewrite the network for inference (batch norm folded, oneDNN layout).",
     )
+    feedback_window_requests: int = Field(
+        default=100_000,
+        ge=1,
+        description=(
+            "Most recent predictions remembered for the feedback route (model version and "
+            "predicted classes); the oldest is forgotten first."
+        ),
+    )
+    feedback_ttl_seconds: float = Field(
+        default=86_400,
+        gt=0,
+        le=7 * 86_400,
+        description="How long a prediction accepts feedback, seconds; later its id is unknown.",
+    )
+    capture_rate: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description=(
+            "Share of prediction requests whose images are written to S3 "
+            "(captures/<date>/…), each request sampled whole; 0 is off."
+        ),
+    )
+    sink_flush_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        le=3600,
+        description="Seconds between writes of the feedback records gathered to S3.",
+    )
+    sink_queue_items: int = Field(
+        default=10_000,
+        ge=1,
+        le=100_000,
+        description=(
+            "Captures and feedback bodies waiting to be written to S3; beyond it they are "
+            "dropped and counted (tire_capture_dropped_total), the request never waits."
+        ),
+    )
+    capture_queue_bytes: int = Field(
+        default=256 * 2**20,
+        ge=1,
+        description="Captured image bytes waiting to be written to S3; beyond it, as above.",
+    )
 
     def resolved_model_uri(self, settings: Settings) -> str:
         return self.model_uri or f"models:/{settings.model_name}@production"

@@ -123,6 +123,11 @@ class _Item:
     where: str
     image: Image.Image | RawImage  # opened (encoded bytes) or as sent (floats)
 
+    @property
+    def format(self) -> str | None:
+        """The encoded image's format as Pillow names it (``JPEG``); None for a float image."""
+        return (self.image.format or "") if isinstance(self.image, Image.Image) else None
+
 
 @dataclass
 class Admitted:

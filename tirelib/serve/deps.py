@@ -6,6 +6,7 @@ HTTP errors are raised here and in the routes only; the library below raises
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
@@ -18,15 +19,19 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.convertors import CONVERTOR_TYPES, Convertor, register_url_convertor
 
+from tirelib.drift import image_statistics
 from tirelib.errors import DataError
+from tirelib.preprocessing import Preprocessing
 from tirelib.serve.batching import DynamicBatcher
 from tirelib.serve.config import ServeConfig
 from tirelib.serve.decoding import Admitted, DecodeGate, DecodeQueueFull, PixelLimits, admit
-from tirelib.serve.inputs import Limits, Located
+from tirelib.serve.feedback import FeedbackStore, Prediction
+from tirelib.serve.inputs import Limits, Located, RawImage
 from tirelib.serve.limits import clip, excerpt
 from tirelib.serve.metrics import ServeMetrics
 from tirelib.serve.model import ModelHolder, ServedModel
 from tirelib.serve.schemas import ErrorBody, parse_body
+from tirelib.serve.sink import Sink, capture_object_key, image_extension, utc_day
 
 SIGNATURE = "serving_default"
 BodyT = TypeVar("BodyT", bound=BaseModel)
@@ -75,6 +80,8 @@ class ServeState:
     limits: Limits
     pixels: PixelLimits
     gate: DecodeGate
+    feedback: FeedbackStore
+    sink: Sink | None = None  # None: feedback and captures are not written to S3
 
 
 def request_body(model: type[BaseModel]) -> dict[str, Any]:
@@ -146,32 +153,93 @@ async def read_body(request: Request, model: type[BodyT]) -> BodyT:
     return await run_in_threadpool(parse_body, raw, model)
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A request's images, preprocessed, with each one's brightness and contrast; when the
+    request is captured, also the images as sent with their file extension."""
+
+    images: torch.Tensor
+    brightness: list[float]
+    contrast: list[float]
+    captured: list[tuple[RawImage, str]] | None = None
+
+
+def input_statistics(prep: Preprocessing, images: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Brightness and contrast (:func:`tirelib.drift.image_statistics`) of a preprocessed batch.
+
+    The statistics are those of the resized pixels in [0, 1], before normalisation: the
+    normalisation is undone (one fused multiply-add over the batch), so the numbers are the
+    baseline's, computed on the same resized images at training.
+    """
+    mean = torch.tensor(prep.mean, dtype=images.dtype).view(1, -1, 1, 1)
+    std = torch.tensor(prep.std, dtype=images.dtype).view(1, -1, 1, 1)
+    pixels = torch.addcmul(mean, images, std)
+    brightness, contrast = image_statistics(pixels.numpy())
+    return brightness.tolist(), contrast.tolist()
+
+
+def _as_sent(found: list[Located], admitted: Admitted) -> list[tuple[RawImage, str]]:
+    """Each image as the client sent it, with the extension to store it under."""
+    return [
+        (image, "png" if item.format is None else image_extension(item.format))
+        for (_, image), item in zip(found, admitted.items, strict=True)
+    ]
+
+
 async def prepare_images(
     state: ServeState, model: ServedModel, find: Callable[..., list[Located]], *args: Any
-) -> torch.Tensor:
+) -> Prepared:
     """``find(*args)`` (the images of a request) preprocessed by ``model``, off the event loop.
 
     The images are checked against the pixel budget from their headers first, then decoded
     when the decode gate has room (see :mod:`tirelib.serve.decoding`). Call it inside
-    ``state.batcher.arriving()``, with :func:`predict_images` right after the block.
+    ``state.batcher.arriving()``, with :func:`predict_images` right after the block. At
+    ``capture_rate`` (with a sink), the request is sampled for capture: its images as sent are
+    kept for :func:`predict_images` to hand to the sink.
     """
     budget = state.pixels.budget(model.prep.image_size)
+    rate = state.config.capture_rate
+    capture = state.sink is not None and rate > 0 and random.random() < rate  # noqa: S311
+    found: list[Located] = []
 
     def inspect() -> Admitted:
-        return admit(model.prep, find(*args), budget, state.limits)
+        found.extend(find(*args))
+        return admit(model.prep, found, budget, state.limits)
+
+    def decode() -> Prepared:
+        images = admitted.decode()
+        brightness, contrast = input_statistics(model.prep, images)
+        captured = _as_sent(found, admitted) if capture else None
+        return Prepared(images, brightness, contrast, captured)
 
     admitted = await run_in_threadpool(inspect)
     try:
         async with state.gate.hold(admitted.pixels / budget.image):
-            return await run_in_threadpool(admitted.decode)
+            return await run_in_threadpool(decode)
     except DecodeQueueFull as error:
         raise HTTPException(503, str(error), headers={"Retry-After": "1"}) from error
     finally:
         admitted.close()
 
 
-async def predict_images(state: ServeState, model: ServedModel, images: torch.Tensor) -> np.ndarray:
-    """Class probabilities from a dynamic batch; the predictions are counted."""
-    probabilities = await state.batcher.submit(model, images)
+async def predict_images(
+    state: ServeState, model: ServedModel, prepared: Prepared, request_id: str
+) -> np.ndarray:
+    """Class probabilities from a dynamic batch. The predictions and input statistics are
+    counted, the answer is remembered for the feedback route, a captured request's images go
+    to the sink (never waited for)."""
+    probabilities = await state.batcher.submit(model, prepared.images)
     state.metrics.observe_predictions(model.classes, probabilities)
+    state.metrics.observe_inputs(prepared.brightness, prepared.contrast)
+    keys: list[str] | None = None
+    if prepared.captured is not None and state.sink is not None:
+        day = utc_day()
+        objects = [
+            (capture_object_key(day, request_id, index, ext), image)
+            for index, (image, ext) in enumerate(prepared.captured)
+        ]
+        if state.sink.capture(objects):
+            keys = [key for key, _ in objects]
+    winners = probabilities.argmax(axis=1).tolist()
+    state.feedback.remember(request_id, Prediction.of(model.version, model.classes, winners, keys))
     return probabilities

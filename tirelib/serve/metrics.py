@@ -8,20 +8,54 @@ method, the status code, the class, the reload result.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from tirelib.drift import BRIGHTNESS_BUCKETS, CONFIDENCE_BUCKETS, CONTRAST_BUCKETS, Baseline
 
 __all__ = ["CONTENT_TYPE_LATEST", "HttpMetricsMiddleware", "ServeMetrics"]
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-_CONFIDENCE_BUCKETS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 UNMATCHED = "<unmatched>"
+
+
+class BaselineCollector(Collector):
+    """The served model's baseline as gauges; no samples while the model has none."""
+
+    def __init__(self) -> None:
+        self.baseline: Baseline | None = None
+
+    def describe(self) -> list[Metric]:
+        return list(self._families(None))
+
+    def collect(self) -> Iterator[Metric]:
+        return self._families(self.baseline)
+
+    @staticmethod
+    def _families(baseline: Baseline | None) -> Iterator[Metric]:
+        share = GaugeMetricFamily(
+            "tire_model_baseline_class_share",
+            "Share of each predicted class on the served model's test split (its baseline).",
+            labels=["class"],
+        )
+        confidence = GaugeMetricFamily(
+            "tire_model_baseline_confidence_mean",
+            "Mean probability of the predicted class on the served model's test split.",
+        )
+        if baseline is not None:
+            for name, value in baseline.class_share.items():
+                share.add_metric([name], value)
+            confidence.add_metric([], baseline.confidence_mean)
+        yield share
+        yield confidence
 
 
 class ServeMetrics:
@@ -64,7 +98,47 @@ class ServeMetrics:
         self.confidence = Histogram(
             "tire_prediction_confidence",
             "Probability of the predicted class.",
-            buckets=_CONFIDENCE_BUCKETS,
+            buckets=CONFIDENCE_BUCKETS,
+            registry=r,
+        )
+        self.brightness = Histogram(
+            "tire_input_brightness",
+            "Mean grayscale pixel of each image in [0, 1], resized, before normalisation.",
+            buckets=BRIGHTNESS_BUCKETS,
+            registry=r,
+        )
+        self.contrast = Histogram(
+            "tire_input_contrast",
+            "Standard deviation of each image's grayscale pixels, resized, before normalisation.",
+            buckets=CONTRAST_BUCKETS,
+            registry=r,
+        )
+        self.baseline = BaselineCollector()
+        r.register(self.baseline)
+        self.feedback_labels = Counter(
+            "tire_feedback_labels",
+            "Predictions given their true label through the feedback route, by the model version "
+            "that made them, the true class and the predicted class.",
+            ["version", "class", "predicted_class"],
+            registry=r,
+        )
+        self.feedback_correct = Counter(
+            "tire_feedback_correct",
+            "Labelled predictions whose predicted class was the true class, by version and class.",
+            ["version", "class"],
+            registry=r,
+        )
+        self.capture_written = Counter(
+            "tire_capture_written",
+            "Written to S3 by the capture sink: kind=capture counts images, feedback records.",
+            ["kind"],
+            registry=r,
+        )
+        self.capture_dropped = Counter(
+            "tire_capture_dropped",
+            "Captured images and feedback records not written to S3, by kind and reason "
+            "(queue_full: the sink's queue was full; write_failed: S3 refused or was down).",
+            ["kind", "reason"],
             registry=r,
         )
         self.model = Info("tire_model", "The model version being served.", registry=r)
@@ -81,6 +155,10 @@ class ServeMetrics:
         )
         for result in ("success", "failure"):
             self.reloads.labels(result=result)
+        for kind in ("capture", "feedback"):
+            self.capture_written.labels(kind=kind)
+            for reason in ("queue_full", "write_failed"):
+                self.capture_dropped.labels(kind=kind, reason=reason)
 
     def observe_batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)
@@ -97,8 +175,25 @@ class ServeMetrics:
         for value in probabilities.max(axis=1).tolist():
             self.confidence.observe(value)
 
-    def model_loaded(self, *, version: str, model_type: str, name: str) -> None:
+    def observe_inputs(self, brightness: Sequence[float], contrast: Sequence[float]) -> None:
+        for value in brightness:
+            self.brightness.observe(value)
+        for value in contrast:
+            self.contrast.observe(value)
+
+    def observe_feedback(self, version: str, pairs: Sequence[tuple[str, str]]) -> None:
+        """Count ``(true class, predicted class)`` pairs labelled for ``version``."""
+        for true, predicted in pairs:
+            self.feedback_labels.labels(version, true, predicted).inc()
+            correct = self.feedback_correct.labels(version, true)
+            if true == predicted:
+                correct.inc()
+
+    def model_loaded(
+        self, *, version: str, model_type: str, name: str, baseline: Baseline | None = None
+    ) -> None:
         self.model.info({"version": version, "model_type": model_type, "name": name})
+        self.baseline.baseline = baseline
         self.reloads.labels(result="success").inc()
         self.last_reload.set(time.time())
 

@@ -26,9 +26,11 @@ from typing import TYPE_CHECKING, Literal, Protocol
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 from torch import nn
 
 from tirelib import notify
+from tirelib.drift import Baseline
 from tirelib.errors import TirelibError
 from tirelib.preprocessing import Preprocessing, softmax
 from tirelib.pyfunc import TireClassifier
@@ -105,6 +107,17 @@ def optimize_network(network: nn.Module, example: torch.Tensor) -> nn.Module:
     return rewritten
 
 
+def _baseline(value: object) -> Baseline | None:
+    """A model's drift baseline, or None (an older model has none; an unreadable one is logged)."""
+    if value is None or isinstance(value, Baseline):
+        return value
+    try:
+        return Baseline.model_validate(value)
+    except ValidationError as error:
+        log.warning("the model's baseline is unreadable, so none is exported: %s", error)
+        return None
+
+
 @dataclass(frozen=True, eq=False)
 class ServedModel:
     """One loaded version, ready to predict. Immutable: a new version is a new object."""
@@ -116,6 +129,7 @@ class ServedModel:
     prep: Preprocessing
     network: nn.Module
     device: torch.device
+    baseline: Baseline | None = None
     loaded_at: float = field(default_factory=time.time)
 
     @classmethod
@@ -160,6 +174,8 @@ class ServedModel:
             prep=prep,
             network=network,
             device=device,
+            # Models logged before baselines existed have none: the gauges are then cleared.
+            baseline=_baseline(getattr(classifier, "baseline", None)),
         )
 
     def predict_proba(self, images: torch.Tensor) -> np.ndarray:
@@ -436,7 +452,12 @@ class ModelHolder:
             self._states[version] = VersionState(version, "AVAILABLE")
         self._failures.pop(version, None)
         if self.metrics is not None:
-            self.metrics.model_loaded(version=version, model_type=served.model_type, name=self.name)
+            self.metrics.model_loaded(
+                version=version,
+                model_type=served.model_type,
+                name=self.name,
+                baseline=served.baseline,
+            )
         was = f" (was version {previous.version})" if previous is not None else ""
         log.info(
             "serving %s version %s%s: %s, classes %s, loaded in %.1f s",

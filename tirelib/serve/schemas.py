@@ -12,7 +12,14 @@ import json
 from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from tirelib.errors import DataError
 from tirelib.serve.limits import check_json_depth, clip, shorten
@@ -173,6 +180,50 @@ class UploadResponse(BaseModel):
 class Health(BaseModel):
     status: str
     model_version: str | None = None
+
+
+# --------------------------------------------------------------------------- feedback
+
+REQUEST_ID_CHARS = 128
+REQUEST_ID_PATTERN = rf"^[ -~]{{1,{REQUEST_ID_CHARS}}}$"
+MAX_FEEDBACK_LABELS = 100_000
+
+
+class FeedbackRequest(_Body):
+    """The true labels of an answered request, one per instance in the order sent."""
+
+    request_id: str = Field(
+        description="The X-Request-ID the prediction was answered with.",
+        max_length=REQUEST_ID_CHARS,
+        json_schema_extra={"pattern": REQUEST_ID_PATTERN},
+        examples=["3f2a9c0d5e6b4a1f8c7d2e1b0a9f8e7d"],
+    )
+    labels: list[str | None] = Field(
+        min_length=1,
+        max_length=MAX_FEEDBACK_LABELS,
+        description="One class name per instance of that request, in order; null for none.",
+        examples=[["good", "defective", None]],
+    )
+
+    @field_validator("request_id")
+    @classmethod
+    def _printable(cls, value: str) -> str:
+        if not value or not all(" " <= char <= "~" for char in value):
+            raise ValueError(
+                f"a request id is 1 to {REQUEST_ID_CHARS} printable ASCII characters "
+                "(space to '~'), as the X-Request-ID header of the answer"
+            )
+        return value
+
+
+class FeedbackResponse(BaseModel):
+    """How many instances got a label, how many of those the model got right, and which
+    version answered the request."""
+
+    request_id: str
+    labelled: int
+    correct: int
+    model_version: str
 
 
 # ------------------------------------------------------------------- Open Inference Protocol

@@ -35,6 +35,7 @@ from tirelib.serve.inputs import (
 )
 from tirelib.serve.limits import excerpt
 from tirelib.serve.model import ServedModel, VersionState
+from tirelib.serve.request_id import RESPONSE_HEADERS, RequestIdDep
 from tirelib.serve.schemas import (
     ClassifyRequest,
     ClassifyResponse,
@@ -148,21 +149,21 @@ def build_router(name: str) -> APIRouter:
         return json_response(metadata(name, select_model(state, version=version)))
 
     async def predict(
-        request: Request, state: ServeState, model: ServedModel, labels: bool
+        request: Request, state: ServeState, model: ServedModel, labels: bool, request_id: str
     ) -> Response:
         with state.batcher.arriving():
             body = await read_body(request, PredictRequest)
             check_signature(body.signature_name)
             row = body.instances is not None
             if row:
-                images = await prepare_images(
+                prepared = await prepare_images(
                     state, model, from_instances, body.instances, state.limits
                 )
             else:
-                images = await prepare_images(
+                prepared = await prepare_images(
                     state, model, from_columnar, body.inputs, state.limits
                 )
-        probabilities = await predict_images(state, model, images)
+        probabilities = await predict_images(state, model, prepared, request_id)
         answer: dict[str, Any] = {("predictions" if row else "outputs"): probabilities.tolist()}
         if labels:
             answer["classes"] = list(model.classes)
@@ -171,33 +172,48 @@ def build_router(name: str) -> APIRouter:
 
     predict_doc: dict[str, Any] = {
         "response_model": PredictResponse,
+        "responses": {200: {"headers": RESPONSE_HEADERS}},
         "openapi_extra": request_body(PredictRequest),
     }
 
     @router.post(f"{base}:predict", summary="Predict", **predict_doc)
-    async def predict_latest(request: Request, state: StateDep, labels: Labels = False) -> Response:
-        return await predict(request, state, select_model(state), labels)
+    async def predict_latest(
+        request: Request, state: StateDep, request_id: RequestIdDep, labels: Labels = False
+    ) -> Response:
+        return await predict(request, state, select_model(state), labels, request_id)
 
     @router.post(f"{base}/versions/{{version:segment}}:predict", summary="Predict", **predict_doc)
     async def predict_version(
-        request: Request, state: StateDep, version: str, labels: Labels = False
+        request: Request,
+        state: StateDep,
+        request_id: RequestIdDep,
+        version: str,
+        labels: Labels = False,
     ) -> Response:
-        return await predict(request, state, select_model(state, version=version), labels)
+        model = select_model(state, version=version)
+        return await predict(request, state, model, labels, request_id)
 
     @router.post(f"{base}/labels/{{label:segment}}:predict", summary="Predict", **predict_doc)
     async def predict_label(
-        request: Request, state: StateDep, label: str, labels: Labels = False
+        request: Request,
+        state: StateDep,
+        request_id: RequestIdDep,
+        label: str,
+        labels: Labels = False,
     ) -> Response:
-        return await predict(request, state, select_model(state, label=label), labels)
+        model = select_model(state, label=label)
+        return await predict(request, state, model, labels, request_id)
 
-    async def classify(request: Request, state: ServeState, model: ServedModel) -> Response:
+    async def classify(
+        request: Request, state: ServeState, model: ServedModel, request_id: str
+    ) -> Response:
         with state.batcher.arriving():
             body = await read_body(request, ClassifyRequest)
             check_signature(body.signature_name)
-            images = await prepare_images(
+            prepared = await prepare_images(
                 state, model, from_examples, body.examples, body.context, state.limits
             )
-        probabilities = await predict_images(state, model, images)
+        probabilities = await predict_images(state, model, prepared, request_id)
         results = [
             [[label, score] for label, score in zip(model.classes, row, strict=True)]
             for row in probabilities.tolist()
@@ -206,22 +222,33 @@ def build_router(name: str) -> APIRouter:
 
     classify_doc: dict[str, Any] = {
         "response_model": ClassifyResponse,
+        "responses": {200: {"headers": RESPONSE_HEADERS}},
         "openapi_extra": request_body(ClassifyRequest),
     }
 
     @router.post(f"{base}:classify", summary="Classify", **classify_doc)
-    async def classify_latest(request: Request, state: StateDep) -> Response:
-        return await classify(request, state, select_model(state))
+    async def classify_latest(
+        request: Request, state: StateDep, request_id: RequestIdDep
+    ) -> Response:
+        return await classify(request, state, select_model(state), request_id)
 
     @router.post(
         f"{base}/versions/{{version:segment}}:classify", summary="Classify", **classify_doc
     )
-    async def classify_version(request: Request, state: StateDep, version: str) -> Response:
-        return await classify(request, state, select_model(state, version=version))
+    async def classify_version(
+        request: Request, state: StateDep, request_id: RequestIdDep, version: str
+    ) -> Response:
+        return await classify(request, state, select_model(state, version=version), request_id)
 
-    @router.post(f"{base}:upload", response_model=UploadResponse, summary="Classify image files")
+    @router.post(
+        f"{base}:upload",
+        response_model=UploadResponse,
+        responses={200: {"headers": RESPONSE_HEADERS}},
+        summary="Classify image files",
+    )
     async def upload(
         state: StateDep,
+        request_id: RequestIdDep,
         file: Annotated[
             list[UploadFile], File(description="One or more image files (JPEG, PNG, …)")
         ],
@@ -234,8 +261,8 @@ def build_router(name: str) -> APIRouter:
             for i, item in enumerate(file):
                 label = item.filename or f"file[{i}]"
                 found.append((f"file {excerpt(label)}", await item.read()))
-            images = await prepare_images(state, model, lambda: found)
-        probabilities = await predict_images(state, model, images)
+            prepared = await prepare_images(state, model, lambda: found)
+        probabilities = await predict_images(state, model, prepared, request_id)
         results = [
             {
                 "filename": item.filename or "",

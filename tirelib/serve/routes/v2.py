@@ -28,6 +28,7 @@ from tirelib.serve.deps import (
 from tirelib.serve.inputs import BYTES_INPUT, FLOAT_INPUT, Located, from_v2_tensor
 from tirelib.serve.limits import excerpt
 from tirelib.serve.model import ServedModel
+from tirelib.serve.request_id import RESPONSE_HEADERS, RequestIdDep
 from tirelib.serve.schemas import (
     V2InferRequest,
     V2InferResponse,
@@ -101,7 +102,9 @@ def build_router(name: str) -> APIRouter:
         select_model(state, version=version)
         return json_response({"name": name, "ready": True})
 
-    async def run(request: Request, state: ServeState, model: ServedModel) -> Response:
+    async def run(
+        request: Request, state: ServeState, model: ServedModel, request_id: str
+    ) -> Response:
         with state.batcher.arriving():
             body = await read_body(request, V2InferRequest)
             wanted = [o.name for o in body.outputs] if body.outputs else list(OUTPUTS)
@@ -120,8 +123,8 @@ def build_router(name: str) -> APIRouter:
                     limits=state.limits,
                 )
 
-            images = await prepare_images(state, model, find)
-        probabilities = await predict_images(state, model, images)
+            prepared = await prepare_images(state, model, find)
+        probabilities = await predict_images(state, model, prepared, request_id)
         count = len(probabilities)
         outputs = []
         for output in wanted:
@@ -147,15 +150,18 @@ def build_router(name: str) -> APIRouter:
 
     infer_doc: dict[str, Any] = {
         "response_model": V2InferResponse,
+        "responses": {200: {"headers": RESPONSE_HEADERS}},
         "openapi_extra": request_body(V2InferRequest),
     }
 
     @router.post(f"{base}/infer", summary="Inference", **infer_doc)
-    async def infer_latest(request: Request, state: StateDep) -> Response:
-        return await run(request, state, select_model(state))
+    async def infer_latest(request: Request, state: StateDep, request_id: RequestIdDep) -> Response:
+        return await run(request, state, select_model(state), request_id)
 
     @router.post(f"{base}/versions/{{version:segment}}/infer", summary="Inference", **infer_doc)
-    async def infer_version(request: Request, state: StateDep, version: str) -> Response:
-        return await run(request, state, select_model(state, version=version))
+    async def infer_version(
+        request: Request, state: StateDep, request_id: RequestIdDep, version: str
+    ) -> Response:
+        return await run(request, state, select_model(state, version=version), request_id)
 
     return router
