@@ -4,7 +4,8 @@ Two families matter to a caller that decides whether to try again:
 
 * **bad input** (:class:`ConfigurationError`, :class:`DataError` and their subclasses): a retry
   cannot help; Airflow's retry policy fails these at once and the CLI exits with status 2.
-* **an unreachable service** (:class:`ServiceUnavailableError`: S3, MLflow, PostgreSQL, Slack):
+* **an unreachable service** (:class:`ServiceUnavailableError`: S3, MLflow, PostgreSQL,
+  Prometheus, Slack):
   connection errors, timeouts, 5xx answers and throttling. These are retried with backoff.
 
 Errors are classified once, where they enter tirelib (the S3 store, the registry's MLflow calls,
@@ -79,6 +80,12 @@ class DatabaseUnavailableError(ServiceUnavailableError):
     service = "PostgreSQL"
 
 
+class PrometheusUnavailableError(ServiceUnavailableError):
+    """Prometheus's HTTP API could not be reached, timed out or answered 5xx (monitoring)."""
+
+    service = "Prometheus"
+
+
 class UploadInterrupted(KeyboardInterrupt):
     """Ctrl-C stopped an upload; the message says how many files were sent.
 
@@ -126,6 +133,7 @@ RETRYABLE_ERRORS: tuple[str, ...] = (
     "tirelib.errors.StorageUnavailableError",
     "tirelib.errors.RegistryUnavailableError",
     "tirelib.errors.DatabaseUnavailableError",
+    "tirelib.errors.PrometheusUnavailableError",
 )
 """Dotted names for Airflow's ``ExceptionRetryPolicy``, which imports each one and matches with
 ``isinstance``: the base class alone would do, the subclasses are listed for the reader."""

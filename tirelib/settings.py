@@ -95,6 +95,30 @@ class Settings(BaseSettings):
     stack_with_airflow: bool = Field(
         default=True, description="Whether `tirelib stack up` starts Airflow too."
     )
+    stack_with_server: bool = Field(
+        default=True,
+        description="Whether `tirelib stack up` starts the model server (`tirelib serve`, "
+        "serving the production alias).",
+    )
+    stack_with_monitoring: bool = Field(
+        default=True,
+        description="Whether `tirelib stack up` starts Prometheus, Alertmanager and the "
+        "Pushgateway (each one only when installed).",
+    )
+    serve_port: int = Field(
+        default=8501,
+        ge=1,
+        le=65535,
+        description="The local stack's model server port (the variable `tirelib serve` reads).",
+    )
+    prometheus_port: int = Field(default=9090, ge=1, le=65535, description="Local Prometheus.")
+    alertmanager_port: int = Field(default=9093, ge=1, le=65535, description="Local Alertmanager.")
+    pushgateway_port: int = Field(default=9091, ge=1, le=65535, description="Local Pushgateway.")
+    pushgateway_url: str | None = Field(
+        default=None,
+        description="Pushgateway the pipeline pushes its batch-job metrics to; unset: none is "
+        "pushed. The local stack sets it for Airflow when it runs a Pushgateway.",
+    )
     # Unset, these take the defaults of tirelib.config (Hyperparameters, Thresholds).
     pipeline_epochs: int | None = Field(
         default=None, ge=1, le=1000, description="Default epochs of a pipeline run."
@@ -133,6 +157,55 @@ class Settings(BaseSettings):
         description="A version uploaded without a manifest is ingested once no object under "
         "raw/<version>/ has changed for this long.",
     )
+    predict_batch_size: int = Field(
+        default=64,
+        ge=1,
+        le=4096,
+        description="Images scored per forward pass by batch prediction (`tirelib predict`).",
+    )
+    prometheus_url: str = Field(
+        default="http://127.0.0.1:9090",
+        description="Prometheus's HTTP API, which the monitoring DAG reads live statistics from.",
+    )
+    monitor_window_seconds: int = Field(
+        default=3600,
+        ge=60,
+        le=7 * 86400,
+        description="Window of live traffic monitoring compares with the baseline (shortened to "
+        "the time since the production version was promoted).",
+    )
+    monitor_psi_threshold: float = Field(
+        default=0.25,
+        gt=0,
+        description="Population stability index over which a statistic has drifted.",
+    )
+    monitor_min_observations: int = Field(
+        default=100,
+        ge=1,
+        description="Live images (predictions) in the window before drift is judged.",
+    )
+    monitor_min_labels: int = Field(
+        default=50,
+        ge=1,
+        description="Labelled predictions (feedback) in the window before live accuracy is judged.",
+    )
+    monitor_accuracy_floor: float = Field(
+        default=0.8,
+        ge=0,
+        le=1,
+        description="Live accuracy under this is an alert (a rollback with TIRE_AUTO_ROLLBACK).",
+    )
+    monitor_max_accuracy_drop: float = Field(
+        default=0.1,
+        ge=0,
+        le=1,
+        description="Live accuracy this far under the offline test accuracy is an alert.",
+    )
+    auto_rollback: bool = Field(
+        default=False,
+        description="Whether monitoring rolls production back when its live accuracy, on at "
+        "least TIRE_MONITOR_MIN_LABELS labels, is under TIRE_MONITOR_ACCURACY_FLOOR.",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator(
@@ -141,13 +214,14 @@ class Settings(BaseSettings):
         "airflow_database_url",
         "celery_result_backend",
         "celery_worker_name",
+        "pushgateway_url",
         mode="before",
     )
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value
 
-    @field_validator("s3_endpoint_url")
+    @field_validator("s3_endpoint_url", "pushgateway_url", "prometheus_url")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith(("http://", "https://")):
@@ -212,6 +286,8 @@ def secret_values(settings: Settings) -> list[str]:
         settings.airflow_database_url,
         settings.celery_broker_url,
         settings.celery_result_backend,
+        settings.pushgateway_url,
+        settings.prometheus_url,
     ):
         values += url_secrets(url)
     if settings.aws_secret_access_key is not None:
