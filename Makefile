@@ -23,13 +23,18 @@ $(STAMP): requirements.txt pyproject.toml
 
 venv: $(STAMP)
 
-# Prometheus (Debian's package) for the test that scrapes the model server. Installed when
-# running as root with apt-get (CI); elsewhere that one test is skipped with a reason.
+# Prometheus (Debian's package) for the test that scrapes the model server and the local
+# stack's Prometheus. Installed when running as root with apt-get (CI); elsewhere that one test
+# is skipped with a reason. The package's own service is stopped and disabled where it started:
+# the stack runs its own on 127.0.0.1 (TIRE_PROMETHEUS_PORT) with a configuration of its own.
 $(SYSTEM_STAMP): | $(STAMP)
 	@if ! command -v prometheus >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 	      apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	    if [ -d /run/systemd/system ]; then \
+	      systemctl disable --now prometheus >/dev/null 2>&1 || true; \
+	    elif [ -e /run/prometheus/prometheus.pid ]; then /etc/init.d/prometheus stop || true; fi; \
 	  else \
 	    echo "prometheus is not installed: its test will be skipped (apt-get install prometheus)"; \
 	  fi; \
@@ -72,6 +77,22 @@ $(SYSTEM_STAMP): | $(STAMP)
 	      /etc/init.d/prometheus-alertmanager stop || true; fi; \
 	  else \
 	    echo "amtool is not installed: its tests fail (apt-get install prometheus-alertmanager)"; \
+	  fi; \
+	fi
+	@# The Pushgateway (Debian's prometheus-pushgateway) that the pipeline pushes its batch-job
+	@# metrics to, for its tests and the local stack, which runs its own on 127.0.0.1
+	@# (TIRE_PUSHGATEWAY_PORT): the package's service is stopped and disabled where it started.
+	@if ! command -v prometheus-pushgateway >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	      apt-get install -y -qq --no-install-recommends prometheus-pushgateway >/dev/null; \
+	    if [ -d /run/systemd/system ]; then \
+	      systemctl disable --now prometheus-pushgateway >/dev/null 2>&1 || true; \
+	    elif [ -e /run/prometheus/prometheus-pushgateway.pid ]; then \
+	      /etc/init.d/prometheus-pushgateway stop || true; fi; \
+	  else \
+	    echo "prometheus-pushgateway is not installed: its tests are skipped" \
+	      "(apt-get install prometheus-pushgateway)"; \
 	  fi; \
 	fi
 	touch $@

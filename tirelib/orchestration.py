@@ -60,9 +60,10 @@ def on_task_failure(context: Context) -> None:
     dataset version failed (``state/failed/<version>.json``: reason, task, run link, time) so
     the sensor skips it and newer versions go ahead, and posts to Slack once, saying whether the
     error was failed at once or after how many tries. Without a ``slack_webhook`` connection
-    that is one quiet log line; a Slack that cannot be reached never fails anything.
+    that is one quiet log line; a Slack that cannot be reached never fails anything. Then the
+    failure's time goes to the Pushgateway (``TIRE_PUSHGATEWAY_URL``), which alerts on it.
     """
-    from tirelib.pipeline import TaskFailure, version_failed
+    from tirelib.pipeline import TaskFailure, record_run, version_failed
 
     ti = context["ti"]
     error = context.get("exception")
@@ -78,6 +79,7 @@ def on_task_failure(context: Context) -> None:
         version=_run_version(context),
     )
     version_failed(failure)
+    record_run(False, dag_id=ti.dag_id)
 
 
 def _run_version(context: Context) -> str | None:

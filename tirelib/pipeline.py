@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -132,6 +133,8 @@ def poke_new_versions(settings: Settings | None = None) -> list[str]:
                 continue
         ready.append(info.version)
     log.info("versions ready for the pipeline: %s", ready or "none")
+    if notify.in_airflow():  # a poke that read the lake is the sensor working
+        record_run(True, dag_id=os.environ["AIRFLOW_CTX_DAG_ID"], count=False, settings=settings)
     return ready
 
 
@@ -273,7 +276,10 @@ def train(job: Mapping[str, Any]) -> dict[str, Any]:
     if earlier is not None:
         log.info("job already trained in run %s; reusing it", earlier.run_id)
         return {**earlier.summary(), **extra}
-    return {**run_training(config, settings, progress=False, sweep=sweep).summary(), **extra}
+    started = time.monotonic()
+    result = run_training(config, settings, progress=False, sweep=sweep).summary()
+    # Only a job trained here has a training time; a reused run reports none.
+    return {**result, **extra, "training_seconds": round(time.monotonic() - started, 3)}
 
 
 def evaluate(version: str, trained: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -294,7 +300,12 @@ def evaluate(version: str, trained: Sequence[Mapping[str, Any]]) -> dict[str, An
         scored = evaluate_model(uri, version, settings, progress=False)
         champion = {"version": production.version, "metrics": scored.flat()}
     challengers = [
-        {"run_id": t["run_id"], "model_type": t["model_type"], "metrics": t["test_metrics"]}
+        {
+            "run_id": t["run_id"],
+            "model_type": t["model_type"],
+            "metrics": t["test_metrics"],
+            **({"training_seconds": t["training_seconds"]} if "training_seconds" in t else {}),
+        }
         for t in trained
     ]
     return {"version": version, "champion": champion, "challengers": challengers}
@@ -408,7 +419,78 @@ def report(version: str, evaluation: Mapping[str, Any], promotion: Mapping[str, 
         lines.append(f"{emoji} {promotion['message']}")
     text = "\n".join(lines)
     notify.send(text, settings)
+    dag_id = os.environ.get("AIRFLOW_CTX_DAG_ID", TRAINING_DAG)
+    record_run(True, dag_id=dag_id, evaluation=evaluation, promotion=promotion, settings=settings)
     return text
+
+
+# --- batch-job metrics ---------------------------------------------------------------------
+
+TRAINING_DAG = "tire_training_pipeline"
+
+
+def record_run(
+    succeeded: bool,
+    *,
+    dag_id: str,
+    evaluation: Mapping[str, Any] | None = None,
+    promotion: Mapping[str, Any] | None = None,
+    count: bool = True,
+    settings: Settings | None = None,
+) -> bool:
+    """Push the end of a run of ``dag_id`` to the Pushgateway (``TIRE_PUSHGATEWAY_URL``).
+
+    Pushed: the time of the success or failure; with ``count``, the lake's processed and failed
+    versions; from a training run's ``evaluation`` the seconds spent training each model type,
+    and from its ``promotion`` the version promoted and its test metrics. True when pushed;
+    never raises (see :mod:`tirelib.jobmetrics`).
+    """
+    from tirelib.jobmetrics import RunMetrics, push
+
+    settings = settings or task_settings()
+    if not settings.pushgateway_url:
+        return False
+    processed = failed = None
+    if count:
+        try:
+            store = _store(settings)
+            processed, failed = len(processed_versions(store)), len(data.failed_versions(store))
+        except TirelibError as error:  # S3 may be what failed: push the time all the same
+            log.warning("dataset versions not counted for the pipeline metrics: %s", error)
+    seconds: dict[str, float] = {}
+    for challenger in (evaluation or {}).get("challengers", []):
+        if "training_seconds" in challenger:
+            kind = str(challenger["model_type"])
+            seconds[kind] = seconds.get(kind, 0.0) + float(challenger["training_seconds"])
+    version, metrics = _promoted(promotion)
+    return push(
+        RunMetrics(
+            dag_id=dag_id,
+            succeeded=succeeded,
+            versions_processed=processed,
+            versions_failed=failed,
+            training_seconds=seconds,
+            promoted_version=version,
+            promoted_metrics=metrics,
+        ),
+        settings,
+    )
+
+
+def _promoted(promotion: Mapping[str, Any] | None) -> tuple[int | None, dict[str, float]]:
+    """The version a promotion moved production to and its test metrics (none: not promoted)."""
+    if not promotion or not promotion.get("promoted"):
+        return None, {}
+    comparison = promotion.get("comparison") or {}
+    metrics = {
+        name.removeprefix("test_"): float(value)
+        for name, value in (comparison.get("candidate_metrics") or {}).items()
+        if name.startswith("test_") and isinstance(value, int | float)
+    }
+    try:
+        return int(promotion["version"]), metrics
+    except (KeyError, TypeError, ValueError):
+        return None, metrics
 
 
 # --- failures ------------------------------------------------------------------------------
