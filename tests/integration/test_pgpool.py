@@ -54,6 +54,8 @@ def pooled_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]
             s3_port=free_port(),
             mlflow_port=free_port(),
             stack_with_airflow=False,
+            stack_with_server=False,
+            stack_with_monitoring=False,
             model_name=f"tire-defect-classifier-{secrets.token_hex(4)}",
             aws_access_key_id=None,
             aws_secret_access_key=None,

@@ -73,6 +73,9 @@ def stack_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Setti
     monkeypatch.setenv("TIRE_S3_ENDPOINT_URL", f"http://127.0.0.1:{s3_port}")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{mlflow_port}")
     monkeypatch.setenv("TIRE_STACK_WITH_AIRFLOW", "false")  # Airflow has tests of its own
+    # and so have the model server and the monitoring servers (test_pipeline_metrics.py)
+    monkeypatch.setenv("TIRE_STACK_WITH_SERVER", "false")
+    monkeypatch.setenv("TIRE_STACK_WITH_MONITORING", "false")
     reset_settings()
     yield get_settings()
     reset_settings()

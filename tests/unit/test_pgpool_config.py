@@ -50,7 +50,13 @@ def test_with_pgpool_clients_connect_to_its_address() -> None:
 
 
 def test_the_stack_starts_pgpool_before_mlflow_only_when_asked(tmp_path: Path) -> None:
-    base = {"home": tmp_path, "database_url": DB, "stack_with_airflow": False}
+    base = {
+        "home": tmp_path,
+        "database_url": DB,
+        "stack_with_airflow": False,
+        "stack_with_server": False,
+        "stack_with_monitoring": False,
+    }
     assert [c.name for c in Stack(load_settings(**base, pgpool=False))] == ["seaweedfs", "mlflow"]
     pooled = Stack(load_settings(**base, pgpool=True))
     assert [c.name for c in pooled] == ["seaweedfs", "pgpool", "mlflow"]

@@ -403,6 +403,8 @@ def test_stack_defaults_need_no_exports_and_use_sqlite(tmp_path: Path) -> None:
         s3_port=8333,
         mlflow_port=5000,
         database_url=None,
+        stack_with_server=False,  # these two: tests/unit/test_jobmetrics.py
+        stack_with_monitoring=False,
     )
     stack = Stack(settings)
     assert [c.name for c in stack] == ["seaweedfs", "mlflow", "airflow"]

@@ -1,4 +1,5 @@
-"""`tirelib stack`: start, stop and inspect the local servers (SeaweedFS S3, MLflow, Airflow).
+"""`tirelib stack`: start, stop and inspect the local servers (SeaweedFS S3, MLflow, Prometheus,
+Alertmanager, the Pushgateway, the model server, Airflow).
 
 State lives in ``<TIRE_HOME>/stack``: one pid file per server and its log in ``logs/``.
 ``status`` exits 0 when every server runs and answers, 1 otherwise, so scripts can wait on it.
@@ -15,7 +16,8 @@ from tirelib.settings import get_settings, load_settings
 from tirelib.stack import ComponentStatus, Stack, airflow_password, airflow_url
 
 app = typer.Typer(
-    help="Start, stop and inspect the local stack (SeaweedFS S3, MLflow, Airflow) on 127.0.0.1.",
+    help="Start, stop and inspect the local stack on 127.0.0.1: SeaweedFS S3, MLflow, "
+    "Prometheus, Alertmanager and the Pushgateway (when installed), the model server, Airflow.",
     no_args_is_help=True,
 )
 

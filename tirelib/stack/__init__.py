@@ -1,4 +1,5 @@
-"""The local stack: SeaweedFS (S3), the MLflow tracking server and Airflow on loopback.
+"""The local stack on loopback: SeaweedFS (S3), MLflow, Prometheus, Alertmanager, the Pushgateway,
+the model server and Airflow.
 
 ``tirelib stack up|down|status`` calls :class:`Stack`. The package has one module per concern:
 
@@ -8,6 +9,9 @@
   (a process plus what happens before it starts and after it answers);
 - :mod:`~tirelib.stack.services`: SeaweedFS's ``weed mini`` and ``mlflow server``;
 - :mod:`~tirelib.stack.pgpool`: PgPool-II in front of the MLflow database (``TIRE_PGPOOL``);
+- :mod:`~tirelib.stack.monitoring`: Prometheus (the project's rules), Alertmanager (to Slack)
+  and the Pushgateway, each when installed;
+- :mod:`~tirelib.stack.serving`: the model server, ``tirelib serve`` following production;
 - :mod:`~tirelib.stack.airflow`: Airflow's configuration, environment, connections and pool;
 - :mod:`~tirelib.stack.celery`: Airflow on CeleryExecutor, each component a process, a worker
   per queue;
@@ -32,6 +36,15 @@ from tirelib.stack.airflow import (
     render_airflow_config,
 )
 from tirelib.stack.celery import celery_components, check_broker, worker_name
+from tirelib.stack.monitoring import (
+    SERVER_JOB,
+    alertmanager_url,
+    monitoring_components,
+    prometheus_url,
+    pushgateway_url,
+    render_alertmanager_config,
+    render_prometheus_config,
+)
 from tirelib.stack.pgpool import (
     RESET_QUERY_LIST,
     pgpool_binary,
@@ -60,6 +73,7 @@ from tirelib.stack.services import (
     upgrade_database,
     weed_binary,
 )
+from tirelib.stack.serving import served_version, server_component, server_url, wait_serving
 from tirelib.stack.stack import Stack
 from tirelib.urls import masked_url, sqlalchemy_url
 
@@ -68,6 +82,7 @@ __all__ = [
     "HOST",
     "PLACEHOLDER_KEY",
     "RESET_QUERY_LIST",
+    "SERVER_JOB",
     "TRAINING_POOL",
     "WEED_GRPC_OFFSET",
     "Component",
@@ -82,6 +97,7 @@ __all__ = [
     "airflow_env",
     "airflow_password",
     "airflow_url",
+    "alertmanager_url",
     "celery_components",
     "check_broker",
     "create_buckets",
@@ -94,17 +110,26 @@ __all__ = [
     "mlflow_backend_uri",
     "mlflow_component",
     "mlflow_url",
+    "monitoring_components",
     "pgpool_binary",
     "pgpool_component",
     "pgpool_url",
     "port_is_free",
     "project_root",
+    "prometheus_url",
+    "pushgateway_url",
     "render_airflow_config",
+    "render_alertmanager_config",
     "render_pgpool_config",
+    "render_prometheus_config",
     "s3_url",
     "seaweedfs_component",
+    "served_version",
+    "server_component",
+    "server_url",
     "sqlalchemy_url",
     "upgrade_database",
+    "wait_serving",
     "weed_binary",
     "worker_name",
 ]

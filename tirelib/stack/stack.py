@@ -1,6 +1,11 @@
 """The local stack: its servers, started in order and stopped in reverse.
 
-With ``TIRE_PGPOOL=1`` PgPool starts before MLflow, in front of ``TIRE_DATABASE_URL``.
+In order: SeaweedFS, PgPool (with ``TIRE_PGPOOL=1``, in front of ``TIRE_DATABASE_URL``), MLflow,
+the Pushgateway, Alertmanager and Prometheus (``TIRE_STACK_WITH_MONITORING``, those installed),
+the model server (``TIRE_STACK_WITH_SERVER``) and Airflow (``TIRE_STACK_WITH_AIRFLOW``). Airflow
+comes last, so the servers its tasks use answer before its first task runs; when the stack runs
+a Pushgateway, Airflow's tasks push to it unless ``TIRE_PUSHGATEWAY_URL`` names another, and
+Prometheus's API is the stack's own unless ``TIRE_PROMETHEUS_URL`` was set.
 
 ``tirelib stack up|down|status`` calls :class:`Stack`. A stack is an ordered list of
 :class:`~tirelib.stack.process.Component` objects, so later servers (the model server, say) join
@@ -15,9 +20,11 @@ from pathlib import Path
 from tirelib.settings import Settings
 from tirelib.stack.airflow import airflow_component
 from tirelib.stack.celery import CELERY_EXECUTOR, celery_components
+from tirelib.stack.monitoring import monitoring_components, prometheus_url, pushgateway_url
 from tirelib.stack.pgpool import pgpool_component
 from tirelib.stack.process import Component, ComponentStatus
 from tirelib.stack.services import mlflow_component, mlflow_url, s3_url, seaweedfs_component
+from tirelib.stack.serving import server_component
 
 
 class Stack:
@@ -38,8 +45,12 @@ class Stack:
             components.append(
                 mlflow_component(settings, s3_endpoint_url=s3_url(settings), workers=mlflow_workers)
             )
+            monitoring = monitoring_components(settings) if settings.stack_with_monitoring else []
+            components += monitoring
+            if settings.stack_with_server:
+                components.append(server_component(settings))
             if settings.stack_with_airflow:
-                components += airflow_components(settings)
+                components += airflow_components(_for_tasks(settings, monitoring))
         self.components = list(components)
 
     def __iter__(self) -> Iterator[Component]:
@@ -98,6 +109,18 @@ class Stack:
 
     def log_files(self) -> list[Path]:
         return [component.process.log_path for component in self.components]
+
+
+def _for_tasks(settings: Settings, monitoring: Sequence[Component]) -> Settings:
+    """``settings`` as Airflow's tasks get them: pointed at the stack's Pushgateway and
+    Prometheus when it runs them and the user named no others."""
+    names = {component.name for component in monitoring}
+    update: dict[str, str] = {}
+    if "pushgateway" in names and settings.pushgateway_url is None:
+        update["pushgateway_url"] = pushgateway_url(settings)
+    if "prometheus" in names and "prometheus_url" not in settings.model_fields_set:
+        update["prometheus_url"] = prometheus_url(settings)
+    return settings.model_copy(update=update) if update else settings
 
 
 def airflow_components(settings: Settings) -> list[Component]:
