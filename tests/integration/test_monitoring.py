@@ -1,8 +1,7 @@
 """Monitoring against a real Prometheus, a real MLflow registry and the Slack stand-in.
 
-A tiny exporter (prometheus_client, in this process) serves the metrics the model server exports
-under the same names and buckets, with values the test sets; Debian's ``prometheus`` scrapes it
-every second. Two registered versions of hand-made models carry baselines whose numbers the test
+A tiny exporter (prometheus_client, in this process) serves the model server's own metrics
+registry with values the test sets; Debian's ``prometheus`` scrapes it every second. Two registered versions of hand-made models carry baselines whose numbers the test
 chose, so it knows which live traffic is shifted and which is not. The monitoring window starts
 at the production version's promotion, so each phase of a test is judged on its own traffic:
 the test waits for a scrape after each promotion before sending more.
@@ -21,7 +20,7 @@ import pytest
 import torch
 import yaml
 from mlflow import MlflowClient
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import start_http_server
 from torch import nn
 
 from tests.conftest import SlackReceiver
@@ -31,6 +30,7 @@ from tirelib.models import get_model, get_spec
 from tirelib.monitoring import Prometheus, check
 from tirelib.preprocessing import Preprocessing
 from tirelib.registry import PRODUCTION, Thresholds
+from tirelib.serve.metrics import ServeMetrics
 from tirelib.settings import Settings, load_settings
 from tirelib.stack import HttpCheck, ManagedProcess, free_port
 
@@ -65,55 +65,38 @@ def bucket_values(edges: tuple[float, ...], counts: list[int]) -> list[float]:
 
 
 class Exporter:
-    """The model server's monitoring metrics, same names and buckets, values set by the test."""
+    """The model server's own metrics (its :class:`ServeMetrics` registry), values set by the
+    test: the names, labels and buckets monitoring reads are the server's."""
 
     def __init__(self) -> None:
-        r = CollectorRegistry()
-        self.predictions = Counter("tire_predictions", "", ["class"], registry=r)
-        self.confidence = Histogram(
-            "tire_prediction_confidence", "", buckets=drift.CONFIDENCE_BUCKETS, registry=r
-        )
-        self.brightness = Histogram(
-            "tire_input_brightness", "", buckets=drift.BRIGHTNESS_BUCKETS, registry=r
-        )
-        self.contrast = Histogram(
-            "tire_input_contrast", "", buckets=drift.CONTRAST_BUCKETS, registry=r
-        )
-        self.labels = Counter(
-            "tire_feedback_labels", "", ["version", "class", "predicted_class"], registry=r
-        )
-        self.correct = Counter("tire_feedback_correct", "", ["version", "class"], registry=r)
+        self.metrics = ServeMetrics()
         for name in CLASSES:  # every series exists at zero before the traffic starts
-            self.predictions.labels(name)
+            self.metrics.predictions.labels(name)
             for version in ("1", "2"):
-                self.correct.labels(version, name)
+                self.metrics.feedback_correct.labels(version, name)
                 for predicted in CLASSES:
-                    self.labels.labels(version, name, predicted)
+                    self.metrics.feedback_labels.labels(version, name, predicted)
         self.port = free_port()
-        self.server, self.thread = start_http_server(self.port, "127.0.0.1", registry=r)
-        self.sent_labels = 0.0
+        self.server, self.thread = start_http_server(
+            self.port, "127.0.0.1", registry=self.metrics.registry
+        )
 
     def traffic(self, *, brightness: list[float], good_share: float = 0.5, times: int = 2) -> int:
         """``times`` x the baseline's images: its confidence and contrast, this brightness."""
         images = BASELINE.images * times
         good = round(images * good_share)
-        self.predictions.labels("good").inc(good)
-        self.predictions.labels("defective").inc(images - good)
-        for counts, histogram, edges in [
-            (BASELINE.confidence_counts, self.confidence, drift.CONFIDENCE_BUCKETS),
-            (BASELINE.contrast_counts, self.contrast, drift.CONTRAST_BUCKETS),
-        ]:
-            for value in bucket_values(edges, counts) * times:
-                histogram.observe(value)
-        for value in brightness:
-            self.brightness.observe(value)
+        self.metrics.predictions.labels("good").inc(good)
+        self.metrics.predictions.labels("defective").inc(images - good)
+        for value in bucket_values(drift.CONFIDENCE_BUCKETS, BASELINE.confidence_counts) * times:
+            self.metrics.confidence.observe(value)
+        contrast = bucket_values(drift.CONTRAST_BUCKETS, BASELINE.contrast_counts) * times
+        self.metrics.observe_inputs(brightness, contrast)
         return images
 
     def feedback(self, version: str, *, labels: int, correct: int) -> None:
         """``labels`` true labels for ``version``'s predictions, ``correct`` of them right."""
-        self.labels.labels(version, "defective", "defective").inc(correct)
-        self.correct.labels(version, "defective").inc(correct)
-        self.labels.labels(version, "defective", "good").inc(labels - correct)
+        right = [("defective", "defective")] * correct
+        self.metrics.observe_feedback(version, right + [("defective", "good")] * (labels - correct))
 
     def close(self) -> None:
         self.server.shutdown()
