@@ -21,6 +21,7 @@ GOOD_BODIES: dict[str, dict[str, Any]] = {
     ":classify": {"examples": [{"image": TINY}]},
     "/infer": {"inputs": [{"name": "images", "shape": [1, 1, 1, 3], "datatype": "FP32",
                            "data": [0.5] * 3}]},
+    ":feedback": {"request_id": "0123456789abcdef", "labels": ["good", None, "defective"]},
 }  # fmt: skip
 """A good body per kind of JSON route (by the end of its path)."""
 PLACES = [
@@ -88,13 +89,16 @@ def non_number_pixel_bodies(draw: st.DrawFn, kind: str | None = None) -> bytes:
         body["instances"][0][0][0][draw(st.integers(0, 2))] = value
     elif "examples" in body:
         body["examples"][0]["image"][0][0][draw(st.integers(0, 2))] = value
+    elif "labels" in body:  # a label rather than a pixel
+        body["labels"][draw(st.integers(0, 2))] = value
     else:
         body["inputs"][0]["data"][draw(st.integers(0, 2))] = value
     return json.dumps(body).encode()
 
 
 def hostile_bodies(kind: str | None = None, most: int = 2**21) -> st.SearchStrategy[bytes]:
-    """Any of the above, for a route of ``kind`` (``:predict``, ``:classify``, ``/infer``)."""
+    """Any of the above, for a route of ``kind`` (``:predict``, ``:classify``, ``/infer``,
+    ``:feedback``)."""
     return st.one_of(
         deep_bodies,
         bad_text_bodies(kind),

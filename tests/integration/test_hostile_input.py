@@ -62,7 +62,7 @@ PREDICT = f"{BASE}:predict"
 CLASSIFY = f"{BASE}:classify"
 UPLOAD = f"{BASE}:upload"
 INFER = "/v2/models/tire/infer"
-JSON_ROUTES = (PREDICT, f"{BASE}/versions/1:predict", CLASSIFY, INFER)
+JSON_ROUTES = (PREDICT, f"{BASE}/versions/1:predict", CLASSIFY, INFER, f"{BASE}:feedback")
 TINY = [[[0.5, 0.5, 0.5]]]
 GOOD_BODY = json.dumps({"instances": [TINY]}).encode()
 
