@@ -353,7 +353,14 @@ def serving() -> dm.Dashboard:
                 "5xx ratio (5 min)",
                 f"Share of answers that are 5xx; TireServer5xxRatioHigh fires over "
                 f"{ERROR_RATIO_SLO:.0%} for 5 minutes.",
-                [Q('max(job:tire_http_requests_5xx:ratio_rate5m{job=~"$job"})', instant=True)],
+                [
+                    Q(
+                        # The recorded ratio has no series while there is no 5xx at all: 0 then.
+                        'max(job:tire_http_requests_5xx:ratio_rate5m{job=~"$job"}) or on () '
+                        '(0 * sum(job:tire_http_requests:rate5m{job=~"$job"}))',
+                        instant=True,
+                    )
+                ],
                 unit="percentunit",
                 steps=((None, GREEN), (ERROR_RATIO_SLO, RED)),
             )

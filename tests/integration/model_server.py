@@ -18,6 +18,7 @@ import mlflow
 import torch
 
 from tirelib import tracking
+from tirelib.drift import Baseline
 from tirelib.models import get_model, get_spec
 from tirelib.preprocessing import Preprocessing
 from tirelib.pyfunc import TireClassifier, write_model_files
@@ -58,18 +59,27 @@ def running_server(
 
 
 def save_model_folder(
-    folder: Path, *, classes: Sequence[str] = ("good", "defective"), image_size: int = 32
+    folder: Path,
+    *,
+    classes: Sequence[str] = ("good", "defective"),
+    image_size: int = 32,
+    baseline: Baseline | None = None,
+    network: torch.nn.Module | None = None,
 ) -> Path:
-    """An untrained ``cnn`` saved as the pyfunc the registry holds; ``--model-uri <folder>``
-    serves it (as version 1, pinned)."""
+    """A ``cnn`` (``network``, untrained when not given) saved as the pyfunc the registry holds;
+    ``--model-uri <folder>`` serves it (as version 1, pinned), with ``baseline`` as its drift
+    baseline when given."""
     torch.manual_seed(0)
     spec = get_spec("cnn")
+    if network is None:
+        network = get_model("cnn", num_classes=len(classes))
     artifacts = write_model_files(
         folder.parent / f"{folder.name}-files",
-        get_model("cnn", num_classes=len(classes)).eval(),
+        network.eval(),
         model_type="cnn",
         classes=classes,
         prep=Preprocessing(image_size, spec.mean, spec.std),
+        baseline=baseline,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # no input example: none is needed here
