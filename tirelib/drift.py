@@ -36,8 +36,12 @@ def image_statistics(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     channels_last = batch.shape[-1] in (1, 3) and batch.shape[1] not in (1, 3)
     axis = 3 if channels_last else 1
     if batch.shape[axis] == 3:
-        weights = np.asarray(_LUMA, dtype=np.float32)
-        gray = np.tensordot(batch, weights, axes=([axis], [0]))
+        # A weighted sum of channel views: no transposed copy of the batch (np.tensordot makes
+        # one), so the server can afford it on every request.
+        red, green, blue = np.moveaxis(batch, axis, 0)  # views
+        gray = red * np.float32(_LUMA[0])
+        gray += green * np.float32(_LUMA[1])
+        gray += blue * np.float32(_LUMA[2])
     else:
         gray = batch.squeeze(axis)
     flat = gray.reshape(gray.shape[0], -1)
