@@ -5,7 +5,10 @@
 :mod:`.inputs` (request payloads to tensors), :mod:`.schemas` (bodies), :mod:`.limits` (what
 is refused before any work: nesting depth, header caps, excerpts in errors), :mod:`.protocol`
 (uvicorn's h11 with a deadline on request heads), :mod:`.metrics` (Prometheus), :mod:`.routes`
-(one module per protocol), :mod:`.client` (a REST client and the evaluation of a served model).
+(one module per protocol, and feedback), :mod:`.request_id` (``X-Request-ID`` on every answer),
+:mod:`.feedback` (recent predictions, for their true labels), :mod:`.sink` (feedback and sampled
+images written to S3 in the background), :mod:`.client` (a REST client and the evaluation of a
+served model).
 """
 
 from __future__ import annotations

@@ -5,7 +5,9 @@ The model is loaded in the lifespan (startup waits for the first load, bounded b
 the alias is watched from a background thread, and inference runs in a dynamic batcher's worker
 thread. Every error is ``{"error": "..."}``: 400 for a bad request, 404 for an unknown version,
 413 for a body too large or images over their pixel budget, 503 while no model is loaded or while
-too many images wait to be decoded.
+too many images wait to be decoded; the feedback route adds 404 for a request id it does not
+remember and 409 for feedback given twice. Every answer carries ``X-Request-ID``. With S3 settings,
+a sink started here writes feedback and sampled captures, and the shutdown writes what it holds.
 """
 
 from __future__ import annotations
