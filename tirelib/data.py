@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,9 @@ from tirelib.errors import DataError, UploadInterrupted, VersionExistsError
 from tirelib.progress import progress_bar
 from tirelib.settings import get_settings
 from tirelib.storage import (
+    CAPTURES_PREFIX,
     FAILED_PREFIX,
+    FEEDBACK_PREFIX,
     PROCESSED_PREFIX,
     PROCESSING_PREFIX,
     RAW_PREFIX,
@@ -47,6 +49,7 @@ from tirelib.storage import (
     ObjectStore,
     failed_key,
     manifest_key,
+    parse_capture_name,
     processed_key,
     processing_key,
     raw_prefix,
@@ -61,6 +64,7 @@ SPLITS = ("train", "val", "test")
 DEFAULT_RATIOS = (0.7, 0.15, 0.15)
 MANIFEST_FORMAT = 1
 INGEST_SOURCE = "s3"  # the manifest's source when tirelib wrote it for objects already there
+FEEDBACK_SOURCE = "feedback"  # the manifest's source of a version made from labelled captures
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 _CONTENT_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
 
@@ -772,6 +776,7 @@ def ingest_version(
     *,
     cache: ContentCache | None = None,
     max_workers: int = 16,
+    source: str = INGEST_SOURCE,
 ) -> IngestReport:
     """Write the manifest of a version uploaded without one (``aws s3 sync``, a console, ...).
 
@@ -781,6 +786,7 @@ def ingest_version(
     when the images are the same; when they changed, the manifest is rewritten and the
     version's splits and processed mark are dropped, so the pipeline runs on it again.
     ``cache`` keeps the bytes read, so the pipeline does not download them a second time.
+    ``source`` is what the manifest says the images came from.
     """
     validate_name(version)
     prefix = raw_prefix(version)
@@ -829,7 +835,7 @@ def ingest_version(
         )
     newest = max((o.last_modified for o in objects if o.last_modified), default=None)
     records.sort(key=lambda r: r.key)
-    manifest = Manifest(version, _iso(newest) or _now(), records, skipped, INGEST_SOURCE)
+    manifest = Manifest(version, _iso(newest) or _now(), records, skipped, source)
 
     if store.exists(manifest_key(version)):
         existing = Manifest.from_json(store.get_json(manifest_key(version)))
@@ -854,6 +860,231 @@ def ingest_version(
         len(skipped),
     )
     return IngestReport(version, manifest.counts, skipped, written=True)
+
+
+# --- production data back into training ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Feedback:
+    """One line of ``feedback/<date>/<part>.jsonl``: the true label of one served instance."""
+
+    request_id: str
+    index: int
+    label: str | None  # null: the sender did not know
+    predicted_class: str | None = None
+    model_version: str | None = None
+    time: str | None = None
+
+    @classmethod
+    def parse(cls, line: str) -> Feedback:
+        """A record from one JSON line; :class:`DataError` saying what is wrong with it."""
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"not JSON ({error.msg})") from error
+        if not isinstance(value, dict):
+            raise DataError("not a JSON object")
+        request_id, index, label = value.get("request_id"), value.get("index"), value.get("label")
+        if not isinstance(request_id, str) or not request_id:
+            raise DataError("no request_id")
+        if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+            raise DataError(f"index {index!r} is not a non-negative integer")
+        if label is not None and not isinstance(label, str):
+            raise DataError(f"label {label!r} is neither a class name nor null")
+
+        def text(name: str) -> str | None:
+            item = value.get(name)
+            return None if item is None else str(item)
+
+        return cls(
+            request_id, index, label, text("predicted_class"), text("model_version"), text("time")
+        )
+
+
+def parse_day(text: str) -> date:
+    """A ``YYYY-MM-DD`` date (``--since``, a ``feedback/<date>/`` folder)."""
+    try:
+        return date.fromisoformat(text)
+    except ValueError as error:
+        raise DataError(f"{text!r} is not a date: expected YYYY-MM-DD, like 2026-11-24") from error
+
+
+def _day_folders(store: ObjectStore, prefix: str, since: date | None) -> list[tuple[date, str]]:
+    """The ``<prefix><YYYY-MM-DD>/`` folders from ``since`` on, oldest first."""
+    days = []
+    for folder in store.iter_prefixes(prefix):
+        name = folder.removeprefix(prefix).rstrip("/")
+        try:
+            day = parse_day(name)
+        except DataError:
+            log.warning("ignoring s3://%s/%s: not a date folder", store.bucket, folder)
+            continue
+        if since is None or day >= since:
+            days.append((day, folder))
+    return sorted(days)
+
+
+def read_feedback(
+    store: ObjectStore, *, since: date | None = None
+) -> tuple[list[Feedback], list[Skipped]]:
+    """Every feedback record from ``since`` on (all without it), and the lines that are not one.
+
+    A request's instance labelled more than once keeps its last label (by ``time``, then by the
+    order written): a later correction wins.
+    """
+    records: dict[tuple[str, int], Feedback] = {}
+    malformed: list[Skipped] = []
+    for _, folder in _day_folders(store, FEEDBACK_PREFIX, since):
+        for obj in store.iter_objects(folder):
+            if not obj.key.endswith(".jsonl"):
+                continue
+            text = store.get_bytes(obj.key).decode("utf-8", "replace")
+            for number, line in enumerate(text.splitlines(), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = Feedback.parse(line)
+                except DataError as error:
+                    malformed.append(Skipped(f"{obj.key}:{number}", str(error)))
+                    continue
+                key = (record.request_id, record.index)
+                earlier = records.get(key)
+                if earlier is None or (record.time or "") >= (earlier.time or ""):
+                    records[key] = record
+    return list(records.values()), malformed
+
+
+def captures(store: ObjectStore) -> dict[tuple[str, int], str]:
+    """Every captured image's key by ``(request id, index)``, from all ``captures/<date>/``.
+
+    All dates: an image is captured when it is served, and its label may come days later.
+    """
+    found: dict[tuple[str, int], str] = {}
+    for _, folder in _day_folders(store, CAPTURES_PREFIX, None):
+        for obj in store.iter_objects(folder):
+            name = obj.key.removeprefix(folder)
+            parsed = parse_capture_name(name) if "/" not in name else None
+            if parsed is not None and obj.size > 0:
+                found[parsed] = obj.key
+    return found
+
+
+@dataclass(frozen=True)
+class FeedbackReport:
+    """What :func:`version_from_feedback` did, and what it could not use."""
+
+    version: str
+    counts: dict[str, int]  # labelled captures in the version, by label
+    feedback: int  # feedback records read (one per labelled instance, corrections folded)
+    no_capture: int  # labelled, but the image was not captured (sampling)
+    null_labels: int  # records whose label is null
+    skipped: list[Skipped]  # malformed lines, bad labels, captures that are no image
+    written: bool  # False when the version was made before from the same captures
+
+    @property
+    def used(self) -> int:
+        return sum(self.counts.values())
+
+
+def version_from_feedback(
+    store: ObjectStore,
+    version: str,
+    *,
+    since: date | None = None,
+    max_workers: int = 16,
+    progress: bool | None = None,
+) -> FeedbackReport:
+    """Make dataset version ``version`` from labelled production images.
+
+    Feedback records (``feedback/<date>/<part>.jsonl``, from ``since`` on) are joined on
+    ``(request id, index)`` with the captured images (``captures/<date>/<request id>-<i>.<ext>``);
+    each pair is copied to ``raw/<version>/<label>/<request id>-<i>.<ext>`` and the version is
+    then ingested as any S3 upload is (:func:`ingest_version`: every image checked, the manifest
+    written last, source ``feedback``), so the sensor takes it like any other version. While the
+    copies are made, ``_upload.json`` keeps the sensor away. A version that exists with other
+    content is refused; running the same command again finishes an interrupted run or, when the
+    version is complete with the same images, changes nothing.
+    """
+    validate_name(version)
+    records, skipped = read_feedback(store, since=since)
+    images = captures(store)
+    prefix = raw_prefix(version)
+    planned: dict[str, str] = {}  # raw key -> capture key
+    no_capture = null_labels = 0
+    for record in records:
+        if record.label is None:
+            null_labels += 1
+            continue
+        problem = name_problem(record.label, "label")
+        if problem:
+            skipped.append(Skipped(f"{record.request_id}-{record.index}", problem))
+            continue
+        capture = images.get((record.request_id, record.index))
+        if capture is None:
+            no_capture += 1
+            continue
+        planned[f"{prefix}{record.label}/{capture.rsplit('/', 1)[-1]}"] = capture
+    where = "" if since is None else f" since {since.isoformat()}"
+    if not planned:
+        raise DataError(
+            f"no labelled capture to make version {version!r} from{where}: {len(records)} "
+            f"feedback record(s), {null_labels} without a label, {no_capture} without a "
+            f"captured image (captures are sampled), {len(skipped)} unusable"
+        )
+    present = {
+        o.key: o
+        for o in store.iter_objects(prefix)
+        if o.key not in {manifest_key(version), upload_marker_key(version)}
+    }
+    complete = store.exists(manifest_key(version))
+    if set(present) - set(planned) or (complete and set(present) != set(planned)):
+        raise VersionExistsError(
+            f"version {version!r} already exists with other images ({len(present)} there, "
+            f"{len(planned)} from feedback{where}); choose a new version name"
+        )
+    todo = [(key, capture) for key, capture in sorted(planned.items()) if key not in present]
+    if todo:
+        store.put_json(
+            upload_marker_key(version),
+            {"version": version, "started_at": _now(), "files": len(todo), "source": "feedback"},
+        )
+
+    def copy(key: str, capture: str) -> None:
+        suffix = Path(key).suffix.lower()
+        content_type = _CONTENT_TYPES.get(suffix, "application/octet-stream")
+        store.put_bytes(key, store.get_bytes(capture), content_type)
+
+    with (
+        ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="feedback") as pool,
+        progress_bar(
+            total=len(todo), desc=f"captures -> {version}", unit="img", enabled=progress
+        ) as bar,
+    ):
+        for future in as_completed([pool.submit(copy, key, capture) for key, capture in todo]):
+            future.result()
+            bar.update()
+    report = ingest_version(store, version, max_workers=max_workers, source=FEEDBACK_SOURCE)
+    log.info(
+        "version %s from feedback%s: %d labelled capture(s) (%s); %d record(s) without a "
+        "capture, %d with a null label, %d skipped",
+        version,
+        where,
+        sum(report.counts.values()),
+        ", ".join(f"{label}={n}" for label, n in report.counts.items()),
+        no_capture,
+        null_labels,
+        len(skipped) + len(report.skipped),
+    )
+    return FeedbackReport(
+        version,
+        report.counts,
+        len(records),
+        no_capture,
+        null_labels,
+        skipped + report.skipped,
+        report.written,
+    )
 
 
 # --- splitting -----------------------------------------------------------------------------

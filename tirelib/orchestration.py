@@ -48,6 +48,21 @@ class NewVersionSensor(BaseSensorOperator):
         return PokeReturnValue(is_done=bool(ready), xcom_value=ready)
 
 
+class NewBatchSensor(BaseSensorOperator):
+    """Waits for image batches under ``inbox/`` to score; its XCom lists them, oldest first.
+
+    Each poke is :func:`tirelib.pipeline.ready_batches`: a batch without
+    ``predictions/<batch>.jsonl`` whose objects have not changed for ``TIRE_SETTLE_SECONDS``.
+    Decided from S3 alone, like :class:`NewVersionSensor`, so it works in reschedule mode.
+    """
+
+    def poke(self, context: Context) -> PokeReturnValue:
+        from tirelib.pipeline import ready_batches
+
+        ready = ready_batches()
+        return PokeReturnValue(is_done=bool(ready), xcom_value=ready)
+
+
 def failure_notifier() -> Callable[[Context], None]:
     """The ``on_failure_callback`` of every task: :func:`on_task_failure`."""
     return on_task_failure

@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from tirelib import data, notify
+from tirelib import batch, data, notify
 from tirelib.data import (
     DEFAULT_RATIOS,
     TireImageDataset,
@@ -491,6 +491,37 @@ def _promoted(promotion: Mapping[str, Any] | None) -> tuple[int | None, dict[str
         return int(promotion["version"]), metrics
     except (KeyError, TypeError, ValueError):
         return None, metrics
+
+
+# --- batch prediction ----------------------------------------------------------------------
+
+
+def ready_batches(settings: Settings | None = None) -> list[str]:
+    """The batch sensor's poke: batches under ``inbox/`` settled and not scored yet."""
+    settings = settings or task_settings()
+    ready = batch.ready_batches(_store(settings), settle_seconds=settings.settle_seconds)
+    log.info("batches ready to score: %s", ready or "none")
+    return ready
+
+
+def predict_batch(name: str, settings: Settings | None = None) -> dict[str, Any]:
+    """Score ``inbox/<name>/`` with the production model into ``predictions/<name>.jsonl``.
+
+    A batch scored before is not scored again (and the model is not even loaded).
+    """
+    settings = settings or task_settings()
+    store = _store(settings)
+    report = batch.predict_batch(
+        store,
+        name,
+        lambda: batch.load_model(settings),
+        batch_size=settings.predict_batch_size,
+        max_workers=settings.s3_max_workers,
+        progress=False,
+    )
+    if report is None:
+        return {"batch": name, "scored_before": True}
+    return {"batch": name, **report.summary()}
 
 
 # --- failures ------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
 import boto3
 from botocore import UNSIGNED
@@ -105,12 +106,16 @@ def capture_key(day: str, request_id: str, index: int, ext: str) -> str:
 
 
 def parse_capture_name(name: str) -> tuple[str, int] | None:
-    """``(request id, index)`` of a capture's file name ``<request id>-<i>.<ext>``, or None."""
+    """``(request id, index)`` of a capture's file name ``<request id>-<i>.<ext>``, or None.
+
+    The writer percent-encodes the request id in the key (``urllib.parse.quote(id, safe="")``,
+    so a ``/`` in a client's id cannot make a folder); the id returned is decoded again.
+    """
     stem = name.rpartition(".")[0] or name
     request_id, dash, index = stem.rpartition("-")
-    if not dash or not request_id or not index.isdigit():
+    if not dash or not request_id or not index.isascii() or not index.isdigit():
         return None
-    return request_id, int(index)
+    return unquote(request_id), int(index)
 
 
 def inbox_prefix(batch: str) -> str:

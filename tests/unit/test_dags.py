@@ -37,12 +37,31 @@ if pipeline is not None:
         task = train.unmap({"op_kwargs": {"job": job}})
         template = train.map_index_template or ""
         labels[name] = pipeline.get_template_env().from_string(template).render({"task": task})
+batch = bag.dags.get("tire_batch_predict")
+if batch is not None:
+    predict = batch.get_task("predict")
+    task = predict.unmap({"op_kwargs": {"name": "2026-12-01-line-3"}})
+    labels["batch"] = batch.get_template_env().from_string(
+        predict.map_index_template or ""
+    ).render({"task": task})
 print(json.dumps({
     "errors": {k: str(v)[-500:] for k, v in bag.import_errors.items()},
     "dags": {d.dag_id: sorted(t.task_id for t in d.tasks) for d in bag.dags.values()},
     "docs": {d.dag_id: d.doc_md or "" for d in bag.dags.values()},
     "params": {d.dag_id: sorted(d.params) for d in bag.dags.values()},
     "labels": labels,
+    "sensors": {
+        d.dag_id: {t.task_id: t.mode for t in d.tasks if hasattr(t, "poke")}
+        for d in bag.dags.values()
+    },
+    "failure_callbacks": {
+        d.dag_id: sorted(t.task_id for t in d.tasks if t.on_failure_callback)
+        for d in bag.dags.values()
+    },
+    "mapped": {
+        d.dag_id: sorted(t.task_id for t in d.tasks if getattr(t, "is_mapped", False))
+        for d in bag.dags.values()
+    },
     "timings": timings,
     "heavy": sorted(m for m in ("torch", "mlflow", "torchvision", "sklearn") if m in sys.modules),
 }))
@@ -68,7 +87,11 @@ def dagbag(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 def test_dags_import_without_errors(dagbag: dict) -> None:
     assert dagbag["errors"] == {}
-    assert set(dagbag["dags"]) == {"tire_data_sensor", "tire_training_pipeline"}
+    assert set(dagbag["dags"]) == {
+        "tire_data_sensor",
+        "tire_training_pipeline",
+        "tire_batch_predict",
+    }
 
 
 def test_the_pipeline_has_the_designed_tasks(dagbag: dict) -> None:
@@ -89,6 +112,17 @@ def test_the_pipeline_has_the_designed_tasks(dagbag: dict) -> None:
     )
 
 
+def test_batch_prediction_scores_each_settled_batch_in_a_task_of_its_own(dagbag: dict) -> None:
+    assert dagbag["dags"]["tire_batch_predict"] == ["predict", "wait_for_batches"]
+    # The sensor holds no worker slot while it waits; one mapped task per batch, named by it.
+    assert dagbag["sensors"]["tire_batch_predict"] == {"wait_for_batches": "reschedule"}
+    assert dagbag["mapped"]["tire_batch_predict"] == ["predict"]
+    assert dagbag["labels"]["batch"] == "2026-12-01-line-3"
+    assert dagbag["failure_callbacks"]["tire_batch_predict"] == ["predict", "wait_for_batches"]
+    doc = dagbag["docs"]["tire_batch_predict"]
+    assert "predictions/<batch>.jsonl" in doc and "tirelib predict" in doc
+
+
 def test_parsing_imports_no_heavy_library(dagbag: dict) -> None:
     assert dagbag["heavy"] == []
     # The parse time of each file, for the record (`pytest -rA` shows it); not asserted.
@@ -96,7 +130,8 @@ def test_parsing_imports_no_heavy_library(dagbag: dict) -> None:
 
 
 def test_mapped_training_tasks_are_named_by_their_job(dagbag: dict) -> None:
-    assert dagbag["labels"] == {"plain": "cnn", "sweep": "tinyvgg (sweep 3/8)"}
+    assert dagbag["labels"]["plain"] == "cnn"
+    assert dagbag["labels"]["sweep"] == "tinyvgg (sweep 3/8)"
 
 
 def test_the_docs_say_what_each_param_does_and_what_to_do_when_a_version_fails(

@@ -1,4 +1,5 @@
-"""``tirelib data``: make, upload, ingest, list, retry and split dataset versions."""
+"""``tirelib data``: make, upload, ingest, list, retry and split dataset versions, and make one
+from production feedback."""
 
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ from tirelib.data import (
     VersionState,
     ingest_version,
     list_versions,
+    parse_day,
     parse_ratios,
     retry_version,
     split_version,
     upload_version,
+    version_from_feedback,
 )
 from tirelib.settings import get_settings
 from tirelib.storage import ObjectStore
@@ -145,6 +148,42 @@ def ingest(version: VersionOption) -> None:
     counts = ", ".join(f"{label}={n}" for label, n in report.counts.items())
     done = "ingested" if report.written else "already ingested with the same images:"
     typer.echo(f"{done} version {version} ({counts}); {len(report.skipped)} skipped")
+
+
+@app.command("from-feedback")
+def from_feedback(
+    version: VersionOption,
+    since: Annotated[
+        str | None,
+        typer.Option(
+            help="Only feedback of this day (YYYY-MM-DD) and later; default: all of it.",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Make a dataset version from production images whose true label was sent as feedback.
+
+    Joins feedback/<date>/*.jsonl with captures/<date>/<request id>-<i>.<ext> on the request id
+    and index, copies each labelled capture to raw/<version>/<label>/ and ingests the version
+    (every image checked, the manifest written last), so the sensor trains on it.
+    """
+    settings = get_settings()
+    report = version_from_feedback(
+        _store(),
+        version,
+        since=parse_day(since) if since else None,
+        max_workers=settings.s3_max_workers,
+    )
+    for item in report.skipped:
+        typer.secho(f"skipped {item.path}: {item.reason}", err=True, fg=typer.colors.YELLOW)
+    counts = ", ".join(f"{label}={n}" for label, n in report.counts.items())
+    done = "made" if report.written else "already made with the same images:"
+    typer.echo(
+        f"{done} version {version} in s3://{settings.data_bucket}/raw/{version}/ from "
+        f"{report.used} labelled capture(s) ({counts}); of {report.feedback} feedback "
+        f"record(s), {report.no_capture} had no captured image (sampling) and "
+        f"{report.null_labels} no label; {len(report.skipped)} skipped"
+    )
 
 
 @app.command()
