@@ -33,7 +33,7 @@ from tirelib.serve.deps import input_statistics
 from tirelib.serve.feedback import FeedbackStore, Prediction
 from tirelib.serve.metrics import ServeMetrics
 from tirelib.serve.model import ModelHolder, StaticSource
-from tirelib.serve.sink import Sink, capture_object_key, float_png
+from tirelib.serve.sink import Sink, capture_object_key, float_png, start_sink
 from tirelib.settings import load_settings
 from tirelib.storage import ObjectStore, parse_capture_name, s3_client
 
@@ -393,3 +393,19 @@ def test_capture_keys_survive_any_request_id_and_float_images_become_png() -> No
         assert np.abs(np.asarray(image) / 255.0 - pixels).max() <= 0.5 / 255 + 1e-9
     with Image.open(io.BytesIO(float_png(np.full((4, 4, 1), 0.5)))) as image:
         assert image.mode == "L"
+
+
+def test_without_s3_settings_the_sink_is_off_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    config = load_serve_config(capture_rate=0.5)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("AWS_ACCESS_KEY_ID", raising=False)
+        plain = load_settings()
+    with caplog.at_level("INFO", logger="tirelib.serve.sink"):
+        assert start_sink(config, plain, ServeMetrics()) is None
+    assert "not written to S3" in caplog.text and "capture_rate is ignored" in caplog.text
+
+    named = load_settings(s3_endpoint_url="http://127.0.0.1:9", data_bucket="tire-data-x")
+    sink = start_sink(config, named, ServeMetrics())
+    assert sink is not None and sink.where == "s3://tire-data-x/"
+    sink.close(timeout=10)  # nothing queued: nothing to write, the writer ends
+    assert not sink.capture([("captures/d/a-0.png", b"x")])  # closed: refused, counted
