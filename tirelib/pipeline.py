@@ -501,6 +501,7 @@ def ready_batches(settings: Settings | None = None) -> list[str]:
     settings = settings or task_settings()
     ready = batch.ready_batches(_store(settings), settle_seconds=settings.settle_seconds)
     log.info("batches ready to score: %s", ready or "none")
+    _batch_dag_worked(settings)
     return ready
 
 
@@ -519,9 +520,16 @@ def predict_batch(name: str, settings: Settings | None = None) -> dict[str, Any]
         max_workers=settings.s3_max_workers,
         progress=False,
     )
+    _batch_dag_worked(settings)
     if report is None:
         return {"batch": name, "scored_before": True}
     return {"batch": name, **report.summary()}
+
+
+def _batch_dag_worked(settings: Settings) -> None:
+    """Push the batch DAG's success time, so a failure before is known to be over."""
+    if notify.in_airflow():
+        record_run(True, dag_id=os.environ["AIRFLOW_CTX_DAG_ID"], count=False, settings=settings)
 
 
 # --- failures ------------------------------------------------------------------------------
