@@ -532,6 +532,25 @@ def _batch_dag_worked(settings: Settings) -> None:
         record_run(True, dag_id=os.environ["AIRFLOW_CTX_DAG_ID"], count=False, settings=settings)
 
 
+# --- monitoring ----------------------------------------------------------------------------
+
+
+def monitor() -> dict[str, Any]:
+    """The monitoring DAG's check: drift and live accuracy of the production version, Slack
+    when a threshold is crossed, a rollback when TIRE_AUTO_ROLLBACK allows it.
+
+    Inside Airflow a finished check pushes the DAG's success time, so the failure alert of an
+    earlier run clears once monitoring works again.
+    """
+    from tirelib import monitoring
+
+    settings = task_settings()
+    summary = monitoring.check(settings).summary()
+    if notify.in_airflow():
+        record_run(True, dag_id=os.environ["AIRFLOW_CTX_DAG_ID"], count=False, settings=settings)
+    return summary
+
+
 # --- failures ------------------------------------------------------------------------------
 
 

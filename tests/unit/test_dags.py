@@ -62,6 +62,15 @@ print(json.dumps({
         d.dag_id: sorted(t.task_id for t in d.tasks if getattr(t, "is_mapped", False))
         for d in bag.dags.values()
     },
+    "monitoring": {
+        t.task_id: {
+            "retries": t.retries,
+            "retry_policy": t.retry_policy is not None,
+            "timeout": t.execution_timeout.total_seconds() if t.execution_timeout else None,
+        }
+        for t in getattr(bag.dags.get("tire_model_monitoring"), "tasks", [])
+    },
+    "schedules": {d.dag_id: str(getattr(d.timetable, "delta", "")) for d in bag.dags.values()},
     "timings": timings,
     "heavy": sorted(m for m in ("torch", "mlflow", "torchvision", "sklearn") if m in sys.modules),
 }))
@@ -91,6 +100,7 @@ def test_dags_import_without_errors(dagbag: dict) -> None:
         "tire_data_sensor",
         "tire_training_pipeline",
         "tire_batch_predict",
+        "tire_model_monitoring",
     }
 
 
@@ -121,6 +131,16 @@ def test_batch_prediction_scores_each_settled_batch_in_a_task_of_its_own(dagbag:
     assert dagbag["failure_callbacks"]["tire_batch_predict"] == ["predict", "wait_for_batches"]
     doc = dagbag["docs"]["tire_batch_predict"]
     assert "predictions/<batch>.jsonl" in doc and "tirelib predict" in doc
+
+
+def test_monitoring_is_one_hourly_task_with_the_io_retries(dagbag: dict) -> None:
+    assert dagbag["dags"]["tire_model_monitoring"] == ["check"]
+    assert dagbag["schedules"]["tire_model_monitoring"] == "1:00:00"
+    # An unreachable Prometheus or MLflow is retried; a failure for good reaches Slack.
+    assert dagbag["monitoring"]["check"] == {"retries": 3, "retry_policy": True, "timeout": 600}
+    assert dagbag["failure_callbacks"]["tire_model_monitoring"] == ["check"]
+    doc = " ".join(dagbag["docs"]["tire_model_monitoring"].split())
+    assert "TIRE_AUTO_ROLLBACK" in doc and "population stability index" in doc
 
 
 def test_parsing_imports_no_heavy_library(dagbag: dict) -> None:
