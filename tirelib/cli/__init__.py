@@ -17,7 +17,7 @@ from pathlib import Path
 
 import typer
 
-from tirelib.cli import data, demo, predict, registry, serve, stack, train
+from tirelib.cli import data, demo, monitor, predict, registry, serve, stack, train
 from tirelib.cli.exit_codes import ExitCode, exit_code
 from tirelib.errors import TirelibError
 from tirelib.logs import install_redaction, quiet_libraries
@@ -40,6 +40,7 @@ app.command()(train.models)
 app.command()(demo.demo)
 app.command()(serve.serve)
 app.command()(predict.predict)
+app.command()(monitor.monitor)
 
 # The earlier system's commands: `python -m tirelib Train --dataset_version split_1 ...`,
 # `Stage Loss`, `Produce Loss`, `ProductionInfo`.

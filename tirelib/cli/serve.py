@@ -46,6 +46,7 @@ def serve(
     max_headers: Annotated[int | None, typer.Option(help=_help("max_headers"))] = None,
     threads: Annotated[int | None, typer.Option(help=_help("num_threads"))] = None,
     device: Annotated[str | None, typer.Option(help=_help("device"))] = None,
+    capture_rate: Annotated[float | None, typer.Option(help=_help("capture_rate"))] = None,
     access_log: Annotated[bool, typer.Option(help="Log every request.")] = False,
 ) -> None:
     """Serve the production model; swap in a new version when the alias moves.
@@ -77,6 +78,7 @@ def serve(
         max_headers=max_headers,
         num_threads=threads,
         device=device,
+        capture_rate=capture_rate,
     )
     app = create_app(config, get_settings())
     typer.echo(f"serving on http://{config.host}:{config.port}/v1/models/{config.name}")
