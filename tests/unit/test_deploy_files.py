@@ -345,6 +345,8 @@ NEEDS = {
             "TIRE_ARTIFACT_BUCKET",
             "TIRE_AIRFLOW_EXECUTOR",
             "TIRE_TRAINING_QUEUE",
+            "TIRE_PUSHGATEWAY_URL",  # the DAGs push their success and failure times
+            "TIRE_PROMETHEUS_URL",  # tire_model_monitoring reads live statistics there
             "AIRFLOW_CONN_AWS_DEFAULT",
             "AIRFLOW_CONN_SLACK_WEBHOOK",
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN",
