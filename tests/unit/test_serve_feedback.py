@@ -313,6 +313,40 @@ def test_baseline_gauges_follow_the_served_model() -> None:
     assert holder.poll_once() and gauges(metrics) == {}
 
 
+COUNTERS = {"tire_predictions_total", "tire_feedback_labels_total", "tire_feedback_correct_total"}
+
+
+def test_each_loaded_version_s_counters_start_at_zero() -> None:
+    """increase() counts from a series' first sample: the first label of a class must count."""
+    metrics = ServeMetrics()
+    source = Versions({"1": None, "2": None})
+    holder = ModelHolder(source, metrics=metrics, optimize=False)  # type: ignore[arg-type]
+
+    def series() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        text = metrics.render().decode()
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name in COUNTERS
+        }
+
+    assert series() == {}
+    for version in ("1", "2"):
+        source.version = version
+        assert holder.poll_once()
+        found = series()
+        for true in ("good", "defective"):
+            assert found[("tire_predictions_total", (("class", true),))] == 0
+            assert (
+                found[("tire_feedback_correct_total", (("class", true), ("version", version)))] == 0
+            )
+            for predicted in ("good", "defective"):
+                labels = (("class", true), ("predicted_class", predicted), ("version", version))
+                assert found[("tire_feedback_labels_total", labels)] == 0
+    assert len(series()) == 2 + 2 * (2 + 4)  # both versions' series stay: counters only grow
+
+
 def test_input_statistics_are_those_of_the_resized_pixels_before_normalisation(
     model: TireClassifier,
 ) -> None:

@@ -190,8 +190,26 @@ class ServeMetrics:
                 correct.inc()
 
     def model_loaded(
-        self, *, version: str, model_type: str, name: str, baseline: Baseline | None = None
+        self,
+        *,
+        version: str,
+        model_type: str,
+        name: str,
+        baseline: Baseline | None = None,
+        classes: Sequence[str] = (),
     ) -> None:
+        """A version now serves: its info, its baseline, and its series of ``classes`` at zero.
+
+        Prometheus's ``increase()`` counts from a series' first sample, so a counter that
+        appears with the first label (or prediction) of a class would never count that one:
+        the predictions of every class and the version's feedback series (every pair of true
+        and predicted class) are exported at zero before any traffic.
+        """
+        for true in classes:
+            self.predictions.labels(**{"class": true})
+            self.feedback_correct.labels(version, true)
+            for predicted in classes:
+                self.feedback_labels.labels(version, true, predicted)
         self.model.info({"version": version, "model_type": model_type, "name": name})
         self.baseline.baseline = baseline
         self.reloads.labels(result="success").inc()

@@ -457,6 +457,7 @@ class ModelHolder:
                 model_type=served.model_type,
                 name=self.name,
                 baseline=served.baseline,
+                classes=served.classes,
             )
         was = f" (was version {previous.version})" if previous is not None else ""
         log.info(
