@@ -20,9 +20,10 @@ was promoted, so what is judged is that version's traffic and nothing from befor
 
 Slack hears only when a threshold is crossed, with the numbers. With ``TIRE_AUTO_ROLLBACK`` on,
 live accuracy under the floor rolls production back (:func:`tirelib.registry.rollback`). Only the
-version the labels were about is rolled back: production must still be that version just before,
-and since the restored version's window starts at its own (re)promotion, the labels that
-condemned one version never count against another, nor twice.
+version the labels were about is rolled back: production must still be that version under the
+registry's lock (``rollback``'s ``expected``), and since the restored version's window starts at
+its own (re)promotion, the labels that condemned one version never count against another, nor
+twice.
 """
 
 from __future__ import annotations
@@ -359,7 +360,7 @@ def check(
         log.info("%s", line)
 
     if settings.auto_rollback and report.accuracy.below_floor:
-        _roll_back(settings, registry, report, version)
+        _roll_back(settings, report, version)
     if report.alert:
         report.notified = notify.send(report.message(), settings)
     else:
@@ -501,21 +502,12 @@ def _accuracy_check(
     )
 
 
-def _roll_back(
-    settings: Settings, registry: RegistryClient, report: MonitoringReport, version: str
-) -> None:
+def _roll_back(settings: Settings, report: MonitoringReport, version: str) -> None:
     """Roll production back from ``version``, the version whose live accuracy is low, only if
-    it still serves; a refusal is reported, an unreachable MLflow raised (the task retries)."""
-    with registry.errors("reading the production version before rolling back"):
-        now_serving = registry.aliases().get(PRODUCTION)
-    if now_serving != version:
-        report.rollback_refused = (
-            f"production moved to version {now_serving} meanwhile; the labels were about "
-            f"version {version}"
-        )
-        return
+    it still serves (checked under the registry's lock); a refusal is reported, an unreachable
+    MLflow raised (the task retries)."""
     try:
-        result = rollback(settings)
+        result = rollback(settings, expected=version)
     except RegistryUnavailableError:
         raise
     except RegistryError as error:  # nothing to roll back to, or production moved under it

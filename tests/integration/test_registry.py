@@ -396,6 +396,33 @@ def test_rollback_restores_the_previous_version_in_one_step(world: World, reg: S
     assert actions == ["rollback", "force", "force"]
 
 
+def test_a_rollback_of_a_version_that_no_longer_serves_is_refused(
+    world: World, reg: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, second, third = (register(reg, world.ranked[k]) for k in ("a", "b", "c"))
+    registry.produce(reg, version=first, force=True)
+    registry.produce(reg, version=second, force=True)
+    # Monitoring judged the second; a promotion moves production while the first loads: the
+    # check under the lock refuses, where a plain rollback would roll the third back.
+    load = RegistryClient.check_loadable
+
+    def promote_meanwhile(self: RegistryClient, version: str) -> None:
+        load(self, version)
+        if version == first:
+            monkeypatch.setattr(RegistryClient, "check_loadable", load)
+            assert registry.produce(reg, version=third, force=True).promoted
+
+    monkeypatch.setattr(RegistryClient, "check_loadable", promote_meanwhile)
+    with pytest.raises(PromotionConflictError, match=f"judged was version {second}"):
+        registry.rollback(reg, expected=second)
+    assert aliases(reg)[PRODUCTION] == third
+    # Refused before loading anything when production already moved; the right one goes.
+    with pytest.raises(PromotionConflictError, match=f"production is now version {third}"):
+        registry.rollback(reg, expected=second)
+    assert registry.rollback(reg, expected=third).version == second
+    assert aliases(reg)[PRODUCTION] == second
+
+
 # --- safety --------------------------------------------------------------------------------
 
 

@@ -412,18 +412,26 @@ def _conflict(
     )
 
 
-def rollback(settings: Settings, *, by: str | None = None) -> Promotion:
+def rollback(
+    settings: Settings, *, by: str | None = None, expected: str | None = None
+) -> Promotion:
     """Move ``production`` back to the version it replaced, in one step.
 
     The version rolled back from is tagged ``archived`` and ``rolled_back``. The restored one
     keeps its own ``previous_production_version``, so a second rollback goes one further back.
     The restored model is loaded before the lock; under it, production must not have moved.
+    ``expected`` is the production version the caller judged (monitoring: the version whose
+    live accuracy is low): if production is no longer that version, under the lock as before
+    it, the rollback is refused with :class:`PromotionConflictError`, so a version is never
+    rolled back on another version's evidence.
     """
     registry = RegistryClient(settings)
     with registry.errors("rolling back"):
         current = registry.aliases().get(PRODUCTION)
         if current is None:
             raise RegistryError(f"model {registry.name!r} has no {PRODUCTION!r} version")
+        if expected is not None and current != str(expected):
+            raise _not_expected(registry.name, str(expected), current)
         target = registry.version(current).tags.get(PREVIOUS_TAG)
         if not target:
             raise RegistryError(
@@ -435,6 +443,8 @@ def rollback(settings: Settings, *, by: str | None = None) -> Promotion:
         with model_lock(settings):
             model = registry.registered_model()
             now_serving = dict(model.aliases).get(PRODUCTION) if model is not None else None
+            if expected is not None and now_serving != str(expected):
+                raise _not_expected(registry.name, str(expected), now_serving)
             if now_serving != current:
                 raise PromotionConflictError(
                     f"production of {registry.name!r} moved from version {current} to "
@@ -444,6 +454,15 @@ def rollback(settings: Settings, *, by: str | None = None) -> Promotion:
             events = registry.events(model)
             registry.finish_interrupted(events)
             return _promote(registry, chosen, current, events, "rollback", None, None, by)
+
+
+def _not_expected(model_name: str, expected: str, current: str | None) -> PromotionConflictError:
+    now_serving = f"version {current}" if current is not None else "no version"
+    return PromotionConflictError(
+        f"refusing to roll back version {expected} of {model_name!r}: production is now "
+        f"{now_serving}, and what was judged was version {expected}; run `tirelib registry "
+        "info` and roll back again if that is still wanted"
+    )
 
 
 def _promote(
