@@ -9,10 +9,7 @@ hand give stage an exact ranking. Each test registers what it needs under its ow
 
 from __future__ import annotations
 
-import os
 import secrets
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -26,6 +23,7 @@ from mlflow import MlflowClient
 from torch import nn
 from typer.testing import CliRunner
 
+from tests.cli import tirelib
 from tests.conftest import _FOREIGN_ENV, S3Server, lake_env
 from tirelib import registry, tracking
 from tirelib.cli import app
@@ -314,20 +312,20 @@ def test_a_script_tells_promoted_from_refused_by_the_exit_status(
     champion = register(reg, world.defective)
     challenger = register(reg, world.good)
     no_floors = ["--min-accuracy", "0", "--min-f1", "0", "--metric", "f1"]
-    promoted = _cli("registry", "produce", "--version", champion, *no_floors)
+    promoted = tirelib("registry", "produce", "--version", champion, *no_floors)
     assert promoted.returncode == 0, promoted.stderr[-2000:]
-    again = _cli("registry", "produce", "--version", champion, *no_floors)
+    again = tirelib("registry", "produce", "--version", champion, *no_floors)
     assert again.returncode == 0, again.stderr[-2000:]  # production is that version already
     assert "already the production version" in again.stdout
 
     for extra in [[], ["--json"]]:
-        refused = _cli("registry", "produce", "--version", challenger, *no_floors, *extra)
+        refused = tirelib("registry", "produce", "--version", challenger, *no_floors, *extra)
         assert refused.returncode == 1, refused.stdout + refused.stderr[-2000:]
         assert "Traceback" not in refused.stderr
         assert "not promoted" in refused.stdout
     assert aliases(reg)[PRODUCTION] == champion
     # A run below the floors is not registered: status 1 too (test accuracy 0.92 here).
-    below = _cli("registry", "register", "--run-id", world.ranked["c"], "--min-accuracy", "0.99")
+    below = tirelib("registry", "register", "--run-id", world.ranked["c"], "--min-accuracy", "0.99")
     assert below.returncode == 1, below.stdout + below.stderr[-2000:]
     assert "was not registered" in below.stdout
 
@@ -571,27 +569,16 @@ def test_a_model_that_cannot_be_loaded_is_never_promoted(world: World, reg: Sett
     assert "promoted_at" not in tags(reg, broken)
 
 
-def _cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tirelib", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, **env},
-        check=False,
-    )
-
-
 def test_the_earlier_command_spellings(world: World, reg: Settings) -> None:
     versions = {key: register(reg, run_id) for key, run_id in world.ranked.items()}
-    staged = _cli("Stage", "Loss")
+    staged = tirelib("Stage", "Loss")
     assert staged.returncode == 0, staged.stderr[-2000:]
     assert aliases(reg)[STAGING] == versions["b"]
-    produced = _cli("Produce", "Loss", TIRE_MIN_ACCURACY="0", TIRE_MIN_F1="0")
+    produced = tirelib("Produce", "Loss", TIRE_MIN_ACCURACY="0", TIRE_MIN_F1="0")
     assert produced.returncode == 0, produced.stderr[-2000:]
     assert f"now version {versions['b']}" in produced.stdout
     assert aliases(reg)[PRODUCTION] == versions["b"]
-    shown = _cli("ProductionInfo")
+    shown = tirelib("ProductionInfo")
     assert shown.returncode == 0, shown.stderr[-2000:]
     assert f"production: version {versions['b']}" in shown.stdout
     assert "model type           cnn" in shown.stdout
@@ -659,7 +646,7 @@ def test_a_server_stopped_mid_promotion_leaves_a_consistent_registry(
             with pytest.raises(RegistryUnavailableError, match=f"MLflow tracking server at {url}"):
                 call()
 
-        down = _cli("registry", "info")
+        down = tirelib("registry", "info")
         assert down.returncode == 3  # a service is unreachable: worth a retry later
         assert f"error: cannot reach the MLflow tracking server at {url}" in down.stderr
         assert "Traceback" not in down.stderr
