@@ -232,21 +232,32 @@ class FeedbackResponse(BaseModel):
 class V2Tensor(_Body):
     name: str
     shape: list[Annotated[int, Field(ge=0)]]
-    datatype: Literal["FP32", "FP16", "FP64", "BYTES"] = Field(
-        description="FP32 for [N, H, W, 3] images in [0, 1], BYTES for base64-encoded images"
+    datatype: Literal["FP32", "FP16", "FP64", "BYTES", "UINT8"] = Field(
+        description="FP32 for [N, H, W, 3] images in [0, 1], UINT8 for [N, H, W, 3] pixels in "
+        "[0, 255], BYTES for encoded images (base64 text in JSON, raw bytes as binary data)"
     )
-    parameters: dict[str, Any] | None = None
-    data: list[Any] = Field(description="Row-major values, flat or nested")
+    parameters: dict[str, Any] | None = Field(
+        default=None,
+        description="binary_data_size: the length of the tensor's bytes after the JSON part "
+        "(binary tensor data extension), instead of data",
+    )
+    data: list[Any] | None = Field(
+        default=None, description="Row-major values, flat or nested; absent for binary data"
+    )
 
 
 class V2RequestedOutput(_Body):
     name: str
-    parameters: dict[str, Any] | None = None
+    parameters: dict[str, Any] | None = Field(
+        default=None, description="binary_data: true answers the output as binary data"
+    )
 
 
 class V2InferRequest(_Body):
     id: str | None = None
-    parameters: dict[str, Any] | None = None
+    parameters: dict[str, Any] | None = Field(
+        default=None, description="binary_data_output: true answers every output as binary data"
+    )
     inputs: list[V2Tensor] = Field(min_length=1, max_length=1)
     outputs: list[V2RequestedOutput] | None = None
 
@@ -255,7 +266,10 @@ class V2OutputTensor(BaseModel):
     name: str
     shape: list[int]
     datatype: str
-    data: list[Any]
+    parameters: dict[str, Any] | None = Field(
+        default=None, description="binary_data_size: the length of the output's binary data"
+    )
+    data: list[Any] | None = None
 
 
 class V2InferResponse(BaseModel):

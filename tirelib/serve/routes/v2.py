@@ -1,18 +1,22 @@
 """The Open Inference Protocol (KServe v2, Triton) over REST, for the same model.
 
-Inputs: ``images`` FP32 ``[N, H, W, 3]`` in [0, 1] (any name is accepted; the datatype decides),
-or ``image_bytes`` BYTES ``[N]`` whose elements are base64 text of encoded images (JSON cannot
-carry raw bytes). Outputs: ``probabilities`` FP32 ``[N, classes]`` and ``label`` BYTES ``[N]``.
+Inputs: ``images`` FP32 ``[N, H, W, 3]`` in [0, 1] or UINT8 ``[N, H, W, 3]`` in [0, 255] (any
+name is accepted; the datatype decides), or ``image_bytes`` BYTES ``[N]`` of encoded images.
+Outputs: ``probabilities`` FP32 ``[N, classes]`` and ``label`` BYTES ``[N]``. Tensors go in the
+JSON (BYTES as base64 text) or, with Triton's binary tensor data extension, as raw bytes after
+it (:mod:`tirelib.serve.binary`), as ``tritonclient`` sends and asks for them by default.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, HTTPException, Request, Response
+from starlette.concurrency import run_in_threadpool
 
 import tirelib
 from tirelib.errors import DataError
+from tirelib.serve import binary
 from tirelib.serve.deps import (
     ERRORS,
     ServeState,
@@ -21,15 +25,14 @@ from tirelib.serve.deps import (
     not_ready,
     predict_images,
     prepare_images,
-    read_body,
-    request_body,
     select_model,
 )
-from tirelib.serve.inputs import BYTES_INPUT, FLOAT_INPUT, Located, from_v2_tensor
+from tirelib.serve.inputs import BYTES_INPUT, FLOAT_INPUT, Located
 from tirelib.serve.limits import excerpt
 from tirelib.serve.model import ServedModel
 from tirelib.serve.request_id import RESPONSE_HEADERS, RequestIdDep
 from tirelib.serve.schemas import (
+    ErrorBody,
     V2InferRequest,
     V2InferResponse,
     V2Live,
@@ -37,9 +40,72 @@ from tirelib.serve.schemas import (
     V2ModelReady,
     V2Ready,
     V2ServerMetadata,
+    parse_body,
 )
 
+_BINARY_SCHEMA = {"type": "string", "format": "binary"}
+INFER_REQUEST: dict[str, Any] = {
+    "parameters": [
+        {
+            "name": binary.HEADER,
+            "in": "header",
+            "required": False,
+            "schema": {"type": "integer", "minimum": 1},
+            "description": "The length of the body's JSON part in bytes; the binary data of "
+            "the inputs with parameters.binary_data_size follows it.",
+        }
+    ],
+    "requestBody": {
+        "required": True,
+        "description": "JSON, or JSON followed by binary tensor data (with the "
+        f"{binary.HEADER} header).",
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/V2InferRequest"}},
+            binary.BINARY_MEDIA_TYPE: {"schema": _BINARY_SCHEMA},
+        },
+    },
+}
+"""The infer routes' request in OpenAPI (the routes read the body themselves)."""
+INFER_ANSWER: dict[str, Any] = {
+    "headers": {
+        **RESPONSE_HEADERS,
+        binary.HEADER: {
+            "description": "With binary outputs: the length of the body's JSON part in bytes.",
+            "schema": {"type": "integer"},
+        },
+    },
+    "content": {binary.BINARY_MEDIA_TYPE: {"schema": _BINARY_SCHEMA}},
+}
+"""The infer routes' answer beyond the JSON one: JSON followed by the binary outputs."""
 OUTPUTS = ("probabilities", "label")
+IDENTITY = ("", "identity")
+
+
+async def read_infer_body(request: Request) -> tuple[V2InferRequest, list[memoryview | None]]:
+    """The body's JSON part as a :class:`V2InferRequest`, and each input's binary data (None
+    for an input whose data is in the JSON), off the event loop."""
+    encoding = request.headers.get("content-encoding", "")
+    if encoding.strip().lower() not in IDENTITY:
+        raise HTTPException(
+            415, f"Content-Encoding {excerpt(encoding, 40)} is not supported; send the body as is"
+        )
+    raw = await request.body()
+    length = request.headers.get(binary.HEADER)
+
+    def parse() -> tuple[V2InferRequest, list[memoryview | None]]:
+        split = binary.split_body(raw, length)
+        try:
+            body = parse_body(split.json, V2InferRequest)
+        except DataError as error:
+            if length is None and f'"{binary.SIZE}"'.encode() in raw:
+                raise DataError(
+                    f"{error}; the body names binary tensor data ({binary.SIZE}) but has no "
+                    f"{binary.HEADER} header saying where its JSON part ends"
+                ) from error
+            raise
+        return body, binary.input_chunks(body.inputs, split.binary)
+
+    return await run_in_threadpool(parse)
 
 
 def model_metadata(name: str, model: ServedModel) -> dict[str, Any]:
@@ -106,52 +172,39 @@ def build_router(name: str) -> APIRouter:
         request: Request, state: ServeState, model: ServedModel, request_id: str
     ) -> Response:
         with state.batcher.arriving():
-            body = await read_body(request, V2InferRequest)
-            wanted = [o.name for o in body.outputs] if body.outputs else list(OUTPUTS)
-            unknown = sorted(set(wanted) - set(OUTPUTS))
-            if unknown:
-                named = ", ".join(excerpt(name, 40) for name in unknown[:5])
-                raise DataError(f"unknown outputs [{named}]; this model gives {list(OUTPUTS)}")
-            tensor = body.inputs[0]
+            body, chunks = await read_infer_body(request)
+            wanted = binary.requested_outputs(body, OUTPUTS)
+            tensor, chunk = body.inputs[0], chunks[0]
 
             def find() -> list[Located]:
-                return from_v2_tensor(
-                    name=tensor.name,
-                    datatype=tensor.datatype,
-                    shape=tensor.shape,
-                    data=tensor.data,
-                    limits=state.limits,
-                )
+                return binary.input_images(tensor, chunk, state.limits)
 
             prepared = await prepare_images(state, model, find)
         probabilities = await predict_images(state, model, prepared, request_id)
         count = len(probabilities)
         outputs = []
-        for output in wanted:
+        for output, as_binary in wanted:
             if output == "probabilities":
+                shape = [count, len(model.classes)]
                 outputs.append(
-                    {
-                        "name": "probabilities",
-                        "datatype": "FP32",
-                        "shape": [count, len(model.classes)],
-                        "data": probabilities.ravel().tolist(),
-                    }
+                    binary.output_tensor(output, "FP32", shape, probabilities, as_binary)
                 )
             else:
                 labels = [model.classes[i] for i in probabilities.argmax(axis=1).tolist()]
-                outputs.append(
-                    {"name": "label", "datatype": "BYTES", "shape": [count], "data": labels}
-                )
+                outputs.append(binary.output_tensor(output, "BYTES", [count], labels, as_binary))
         answer: dict[str, Any] = {"model_name": name, "model_version": model.version}
         if body.id is not None:
             answer["id"] = body.id
-        answer["outputs"] = outputs
-        return json_response(answer)
+        content, headers, media_type = binary.encode_answer(answer, outputs)
+        return Response(content, headers=headers, media_type=media_type)
 
     infer_doc: dict[str, Any] = {
         "response_model": V2InferResponse,
-        "responses": {200: {"headers": RESPONSE_HEADERS}},
-        "openapi_extra": request_body(V2InferRequest),
+        "responses": {
+            200: INFER_ANSWER,
+            415: {"model": ErrorBody, "description": "The body is compressed."},
+        },
+        "openapi_extra": INFER_REQUEST,
     }
 
     @router.post(f"{base}/infer", summary="Inference", **infer_doc)
