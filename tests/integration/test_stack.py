@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
+import re
 import socket
 import subprocess
 import sys
@@ -19,10 +19,9 @@ import boto3
 import mlflow
 import pytest
 from botocore.exceptions import ClientError
-from typer.testing import CliRunner
 
+from tests.cli import tirelib
 from tests.conftest import S3Server, SlackReceiver
-from tirelib.cli import app
 from tirelib.settings import Settings, get_settings, reset_settings
 from tirelib.stack import Stack, free_port
 from tirelib.storage import s3_client
@@ -102,8 +101,9 @@ def _bucket_exists(settings: Settings, name: str) -> bool:
 
 
 def test_up_status_down(stack: Stack, stack_env: Settings) -> None:
-    runner = CliRunner()
-    assert runner.invoke(app, ["stack", "status"]).exit_code == 1
+    down = tirelib("stack", "status")
+    assert down.returncode == 1
+    assert "down" in down.stdout
 
     statuses = stack.up()
     assert [s.name for s in statuses] == ["seaweedfs", "mlflow"]
@@ -119,27 +119,35 @@ def test_up_status_down(stack: Stack, stack_env: Settings) -> None:
         assert (stack_env.stack_dir / "logs" / f"{name}.log").is_file()
     assert (stack_env.stack_dir / "mlflow.db").is_file()
 
-    # A second `up` finds everything running and starts nothing.
+    # A second `up` (the command) finds everything running and starts nothing.
     started = time.monotonic()
-    again = Stack(stack_env).up()
+    again = tirelib("stack", "up")
     assert time.monotonic() - started < 10
-    assert {s.name: s.pid for s in again} == pids
+    assert again.returncode == 0, again.stderr
+    assert "MLflow" in again.stdout
+    assert re.findall(r"up \(pid (\d+)\)", again.stdout) == [
+        str(pids["seaweedfs"]),
+        str(pids["mlflow"]),
+    ]
+    assert "export" not in again.stdout  # the settings already point at this stack
 
-    result = runner.invoke(app, ["stack", "status"])
-    assert result.exit_code == 0, result.output
-    assert f"S3 (SeaweedFS)   {stack_env.s3_endpoint_url}" in result.output
-    assert f"up (pid {pids['seaweedfs']})" in result.output
+    result = tirelib("stack", "status")
+    assert result.returncode == 0, result.stdout
+    assert f"S3 (SeaweedFS)   {stack_env.s3_endpoint_url}" in result.stdout
+    assert f"up (pid {pids['seaweedfs']})" in result.stdout
 
-    stopped = Stack(stack_env).down()
-    assert [(s.name, pid) for s, pid in stopped] == [
-        ("mlflow", pids["mlflow"]),
-        ("seaweedfs", pids["seaweedfs"]),
+    # `down` stops the last started first, by the pids they were started with.
+    stopped = tirelib("stack", "down")
+    assert stopped.returncode == 0, stopped.stderr
+    assert re.findall(r"stopped \(pid (\d+)\)", stopped.stdout) == [
+        str(pids["mlflow"]),
+        str(pids["seaweedfs"]),
     ]
     for pid in pids.values():
         assert pid is not None and _gone(pid)
     assert not list(stack_env.stack_dir.glob("*.pid"))
     assert all(not s.running and not s.ready for s in stack.status())
-    assert runner.invoke(app, ["stack", "status"]).exit_code == 1
+    assert tirelib("stack", "status").returncode == 1
 
 
 def test_artifacts_land_in_s3_with_postgres_and_credentials(
@@ -180,35 +188,6 @@ def test_artifacts_land_in_s3_with_postgres_and_credentials(
     finally:
         mlflow.set_tracking_uri(None)
         stack.down()
-
-
-def test_cli_exit_codes_in_a_subprocess(stack: Stack, stack_env: Settings) -> None:
-    env = {**os.environ}
-
-    def tirelib(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "tirelib", "stack", *args],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
-        )
-
-    down = tirelib("status")
-    assert down.returncode == 1
-    assert "down" in down.stdout
-
-    up = tirelib("up")
-    assert up.returncode == 0, up.stderr
-    assert "MLflow" in up.stdout and "up (pid" in up.stdout
-    assert "export" not in up.stdout  # the settings already point at this stack
-
-    assert tirelib("status").returncode == 0
-    stopped = tirelib("down")
-    assert stopped.returncode == 0
-    assert stopped.stdout.count("stopped (pid") == 2
-    assert tirelib("status").returncode == 1
 
 
 def test_a_busy_s3_port_is_a_clear_error_with_exit_status_4(stack_env: Settings) -> None:
