@@ -44,6 +44,7 @@ from tests.integration.credentials import Secrets, server_without_its_tracker
 from tests.integration.hostile_bodies import hostile_bodies, route_kind
 from tests.integration.model_server import running_server, save_model_folder
 from tests.unit.test_serve_api import BAD_REQUESTS as UNIT_BAD_REQUESTS
+from tests.unit.test_serve_binary import BAD_BINARY, binary_body, tensor
 from tirelib.stack import ManagedProcess
 
 pytestmark = pytest.mark.integration
@@ -602,8 +603,65 @@ UNIT = [
 ]
 
 
+# Binary tensor data (Triton's extension): lengths that point past the body, sizes that do not
+# add up or would allocate far more than was sent, and the unit suite's malformed bodies.
+def _binary(
+    name: str, request: dict[str, Any], data: bytes, status: int, message: str, **headers: str
+) -> Case:
+    body, header = binary_body(request, data)
+    return Case(name, INFER, body, status, message, headers={**header, **headers})
+
+
+_OVER_BUDGET = {"inputs": [tensor("UINT8", [1, 4096, 1100, 3], 4096 * 1100 * 3)]}
+BINARY = [
+    _binary(
+        "binary header of 20 nines",
+        {"inputs": [tensor("FP32", [1, 1, 1, 3], 12)]},
+        bytes(12),
+        400,
+        "holds only",
+        **{"Inference-Header-Content-Length": "9" * 20},
+    ),
+    _binary(
+        "binary size of 2**62",
+        {"inputs": [tensor("FP32", [1, 1, 1, 3], 2**62)]},
+        bytes(12),
+        400,
+        "only 12 bytes",
+    ),
+    _binary(
+        "binary 256 images of 4096 x 4096 in 48 bytes",
+        {"inputs": [tensor("UINT8", [256, 4096, 4096, 3], 48)]},
+        bytes(48),
+        400,
+        "needs 12,884,901,888 bytes",
+    ),
+    _binary(
+        "binary BYTES element of 4 GiB",
+        {"inputs": [tensor("BYTES", [1], 8, "image_bytes")]},
+        b"\xff\xff\xff\xffabcd",
+        400,
+        "declares 4,294,967,295 bytes",
+    ),
+    Case(
+        "binary UINT8 image over the pixel budget",
+        INFER,
+        lambda: binary_body(_OVER_BUDGET, bytes(4096 * 1100 * 3))[0],
+        413,
+        "over the budget",
+        headers=binary_body(_OVER_BUDGET)[1],
+    ),
+    *(
+        Case(f"unit: {name}", INFER, body, status, message, headers=headers)
+        for name, body, headers, status, message in BAD_BINARY
+        if name != "too many images"  # the unit suite's limit, not this server's
+    ),
+]
+
+
 @pytest.mark.parametrize(
-    "case", [c.param() for c in NESTING + ENCODING + PIXELS + ECHOES + HEADS + EARLIER + UNIT]
+    "case",
+    [c.param() for c in NESTING + ENCODING + PIXELS + ECHOES + HEADS + EARLIER + UNIT + BINARY],
 )
 def test_hostile_input_is_a_4xx_and_keeps_the_connection(server: str, case: Case) -> None:
     check_refused(server, case)
