@@ -35,6 +35,7 @@ from mlflow import MlflowClient
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.cli import tirelib
 from tests.conftest import _FOREIGN_ENV, S3Server, SlackReceiver, lake_env
 from tests.integration.model_server import running_server
 from tirelib import tracking
@@ -519,13 +520,9 @@ def test_evaluate_served_prints_the_earlier_report(
     world: World, at_version_1: str, tmp_path: Path
 ) -> None:
     plot = tmp_path / "served.png"
-    done = subprocess.run(
-        [
-            sys.executable, "-m", "tirelib", "evaluate",
-            "--served", at_version_1, "--dataset-version", VERSION,
-            "--batch-size", "8", "--plot", str(plot),
-        ],
-        capture_output=True, text=True, timeout=300, env=os.environ.copy(), check=False,
+    done = tirelib(
+        "evaluate", "--served", at_version_1, "--dataset-version", VERSION,
+        "--batch-size", "8", "--plot", str(plot),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
