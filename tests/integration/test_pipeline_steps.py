@@ -93,30 +93,23 @@ def test_bad_params_stop_before_any_work(
         pipeline.resolve_version(params)
 
 
-def test_a_retried_step_makes_nothing_twice(tracked_env: Settings, lake: ObjectStore) -> None:
+def test_a_retried_step_makes_nothing_twice_and_a_sweep_trains_one_tagged_run_per_member(
+    tracked_env: Settings, lake: ObjectStore
+) -> None:
     assert pipeline.validate_data("v1")["images"] == 120
     first_split = pipeline.split("v1")
     assert pipeline.split("v1") == first_split
-    (job,) = pipeline.resolve_version({"dataset_version": "v1", "epochs": 1})
-    first = pipeline.train(job)
-    again = pipeline.train(job)
-    assert again["run_id"] == first["run_id"]
-    assert again["test_metrics"] == first["test_metrics"]
-    client = MlflowClient(tracked_env.mlflow_tracking_uri)
-    experiment = client.get_experiment_by_name(tracked_env.experiment)
-    assert len(client.search_runs([experiment.experiment_id])) == 1
-    other = pipeline.train({**job, "seed": 7})  # another job trains anew
-    assert other["run_id"] != first["run_id"]
-
-
-def test_a_sweep_trains_one_tagged_run_per_member(tracked_env: Settings, lake: ObjectStore) -> None:
     params = {"dataset_version": "v1", "epochs": 1, "sweep": {"seed": [1, 2]}}
     jobs = pipeline.resolve_version(params)
     assert len(jobs) == 2
     trained = [pipeline.train(job) for job in jobs]
-    assert trained[0]["run_id"] != trained[1]["run_id"]
-    assert pipeline.train(jobs[1])["run_id"] == trained[1]["run_id"]  # a retry reuses its run
+    assert trained[0]["run_id"] != trained[1]["run_id"]  # another job trains anew
+    again = pipeline.train(jobs[1])  # a retry reuses its run
+    assert again["run_id"] == trained[1]["run_id"]
+    assert again["test_metrics"] == trained[1]["test_metrics"]
     client = MlflowClient(tracked_env.mlflow_tracking_uri)
+    experiment = client.get_experiment_by_name(tracked_env.experiment)
+    assert len(client.search_runs([experiment.experiment_id])) == 2
     tags = [client.get_run(t["run_id"]).data.tags for t in trained]
     assert {t["tire.sweep_id"] for t in tags} == {jobs[0]["sweep"]["id"]}
     assert [t["tire.sweep_index"] for t in tags] == ["0", "1"]
