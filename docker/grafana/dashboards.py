@@ -111,10 +111,12 @@ def timeseries_panel(
     minimum: float | None = None,
     maximum: float | None = None,
     threshold: tuple[float, str] | None = None,
+    soft_max: float | None = None,
     dashed: str | None = None,
 ) -> timeseries.Panel:
-    """A time series; ``threshold`` draws a dashed line where an alert fires, ``dashed`` draws
-    the series whose name matches that regex dashed (a baseline beside the live value)."""
+    """A time series; ``threshold`` draws a dashed line where an alert fires (``soft_max`` keeps
+    it in view when the data stay far below), ``dashed`` draws the series whose name matches
+    that regex dashed (a baseline beside the live value)."""
     panel = (
         timeseries.Panel()
         .title(title)
@@ -145,6 +147,8 @@ def timeseries_panel(
         panel = panel.min(minimum)
     if maximum is not None:
         panel = panel.max(maximum)
+    if soft_max is not None:
+        panel = panel.axis_soft_max(soft_max)
     if threshold is not None:
         value, color = threshold
         panel = panel.thresholds(
@@ -439,6 +443,7 @@ def serving() -> dm.Dashboard:
                 ],
                 unit="s",
                 threshold=(LATENCY_P99_SLO, RED),
+                soft_max=LATENCY_P99_SLO,
             )
         )
         .with_panel(

@@ -162,7 +162,7 @@ def format_value(value: float, unit: str, decimals: int | None = None) -> str:
     if unit == "percentunit":
         return f"{value * 100:.{1 if decimals is None else decimals}f}%"
     if unit == "s":
-        return f"{value * 1000:.0f} ms" if abs(value) < 1 else f"{value:.2f} s"
+        return f"{value * 1000:.0f} ms" if abs(value) < 1 else f"{value:.3g} s"
     if unit == "dtdurations":
         return _duration(max(value, 0.0))
     number = f"{value:.{decimals}f}" if decimals is not None else _short(value)
@@ -268,11 +268,29 @@ def _no_data(ax: Axes) -> None:
     ax.set_yticks([])
 
 
-def draw_timeseries(ax: Axes, panel: Mapping[str, Any], series: list[tuple[str, Any]]) -> None:
+def _time_axis(ax: Axes, start: float, end: float) -> None:
+    """Ticks on whole minutes or hours, at most about seven of them."""
+    ax.set_xlim(
+        mdates.date2num(datetime.fromtimestamp(start)), mdates.date2num(datetime.fromtimestamp(end))
+    )
+    minutes = (end - start) / 60
+    spacing = next((m for m in (1, 2, 5, 10, 15, 30) if minutes / m <= 7), None)
+    if spacing is None:
+        hours = next((h for h in (1, 2, 3, 6, 12, 24) if minutes / 60 / h <= 7), 48)
+        ax.xaxis.set_major_locator(mdates.HourLocator(interval=hours))
+    else:
+        ax.xaxis.set_major_locator(mdates.MinuteLocator(byminute=range(0, 60, spacing)))
+    ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M"))
+
+
+def draw_timeseries(
+    ax: Axes, panel: Mapping[str, Any], series: list[tuple[str, Any]], window: Window
+) -> None:
     field = panel.get("fieldConfig", {}).get("defaults", {})
     custom = field.get("custom", {})
     unit = field.get("unit", "short")
     _style(ax)
+    _time_axis(ax, window.start, window.end)
     series = [(name, [(t, v) for t, v in points if math.isfinite(v)]) for name, points in series]
     series = [(name, points) for name, points in series if points]
     if not series:
@@ -301,15 +319,20 @@ def draw_timeseries(ax: Axes, panel: Mapping[str, Any], series: list[tuple[str, 
             ax.fill_between(times, base, tops, color=color, alpha=0.35 if stacked else 0.08)
         if stacked or bars:
             bottoms.update({t: top for (t, _), top in zip(points, tops, strict=True)})
+    # The y range as Grafana sets it: the data's, widened to the soft limits, fixed by min/max;
+    # threshold lines are drawn inside it and do not widen it.
+    low, high = ax.get_ylim()
+    if high - low < 1e-9:
+        low, high = min(low, 0.0), max(high, 1.0)
+    low = min(low, custom.get("axisSoftMin", low))
+    high = max(high, custom.get("axisSoftMax", high))
+    ax.set_ylim(field.get("min", low), field.get("max", high))
     if custom.get("thresholdsStyle", {}).get("mode") in {"dashed", "line"}:
         for step in field.get("thresholds", {}).get("steps", []):
             if step["value"] is not None:
                 ax.axhline(step["value"], color=COLORS.get(step["color"]), linestyle="--", lw=1)
-    if "min" in field or "max" in field:
-        low, high = ax.get_ylim()
-        ax.set_ylim(field.get("min", low), field.get("max", high))
+    ax.set_ylim(field.get("min", low), field.get("max", high))
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: format_value(v, unit)))
-    ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M"))
     ax.legend(
         loc="upper center",
         bbox_to_anchor=(0.5, -0.1),
@@ -355,15 +378,25 @@ def draw_bars(ax: Axes, panel: Mapping[str, Any], values: list[tuple[str, float]
     if not values:
         _no_data(ax)
         return
+    # Top to bottom in query order, as Grafana's horizontal bar gauge: short names (buckets)
+    # beside their bars, longer ones above them.
     names = [name for name, _ in values][::-1]
     numbers = [value for _, value in values][::-1]
-    ax.barh(names, numbers, color=COLORS["blue"], height=0.65)
+    above = max(len(name) for name in names) > 8
+    height = 0.45 if above else 0.7
+    ax.barh(range(len(numbers)), numbers, color=COLORS["blue"], height=height, align="edge")
     top = max(numbers) or 1.0
-    for y, value in enumerate(numbers):
-        ax.text(value + top * 0.02, y, format_value(value, unit), color=TEXT, va="center", size=7)
-    ax.set_xlim(0, top * 1.25)
+    for y, (name, value) in enumerate(zip(names, numbers, strict=True)):
+        if above:
+            ax.text(0, y + 0.5, name, color=TEXT, va="bottom", size=6.5)
+        else:
+            ax.text(-top * 0.02, y + height / 2, name, color=TEXT, va="center", ha="right", size=7)
+        ax.text(value + top * 0.02, y + height / 2, format_value(value, unit), color=TEXT,
+                va="center", size=7)  # fmt: skip
+    ax.set_xlim(-top * (0 if above else 0.14), top * 1.2)
+    ax.set_ylim(-0.1, len(numbers) + 0.15)
     ax.set_xticks([])
-    ax.tick_params(axis="y", labelcolor=TEXT)
+    ax.set_yticks([])
 
 
 def render_dashboard(
@@ -412,15 +445,16 @@ def render_dashboard(
         frame.text(0.01, 1 - 0.18 / (box[3] * height), panel["title"], color=TEXT, size=8.5,
                    transform=frame.transAxes, va="center", weight="bold")  # fmt: skip
         legend_h = 0.55 if panel["type"] == "timeseries" else 0.1
+        axis_w = 0.62 if panel["type"] == "timeseries" else 0.1  # room for the y ticks
         inner = (
-            box[0] + (0.62 if panel["type"] != "stat" else 0.1) / width,
+            box[0] + axis_w / width,
             box[1] + legend_h / height,
-            box[2] - (0.72 if panel["type"] != "stat" else 0.2) / width,
+            box[2] - (axis_w + 0.1) / width,
             box[3] - (title_h + legend_h) / height,
         )
         ax = fig.add_axes(inner)
         if panel["type"] == "timeseries":
-            draw_timeseries(ax, panel, _series(prom, panel, window))
+            draw_timeseries(ax, panel, _series(prom, panel, window), window)
         elif panel["type"] == "stat":
             draw_stat(ax, panel, _instant(prom, panel, window))
         else:

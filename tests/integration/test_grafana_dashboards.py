@@ -364,6 +364,7 @@ def test_every_panel_of_every_dashboard_returns_data(stack: Stack) -> None:
 # --- the README's pictures -------------------------------------------------------------------
 
 PREVIEWS = os.environ.get("TIRE_GRAFANA_PREVIEWS")
+PREVIEW_MINUTES = float(os.environ.get("TIRE_GRAFANA_PREVIEW_MINUTES", "8"))
 
 
 Tire = tuple[np.ndarray, str]  # HWC pixels in [0, 1], true label
@@ -421,9 +422,10 @@ def trained_model(root: Path) -> tuple[Path, list[Tire]]:
 
 
 @pytest.mark.skipif(not PREVIEWS, reason="TIRE_GRAFANA_PREVIEWS names no folder for pictures")
+@pytest.mark.timeout(PREVIEW_MINUTES * 60 + 900)  # training and the stack's start on top
 def test_previews(tmp_path: Path) -> None:
     assert PREVIEWS is not None
-    minutes = float(os.environ.get("TIRE_GRAFANA_PREVIEW_MINUTES", "8"))
+    minutes = PREVIEW_MINUTES
     model, tires = trained_model(tmp_path)
     with monitoring_stack(tmp_path, model, replicas=2) as running:
         scenario(running, tires, seconds=minutes * 60)
@@ -461,7 +463,7 @@ def scenario(stack: Stack, tires: list[Tire], *, seconds: float) -> None:
                 if worker >= 2 and not burst:
                     time.sleep(0.2)
                     continue
-                dark = 0.5 if now >= 0.7 else 1.0
+                dark = 0.4 if now >= 0.7 else 1.0
                 count = 1 + int(rng.integers(4))
                 picked = [tires[int(i)] for i in rng.integers(0, len(tires), count)]
                 url = stack.servers[worker % len(stack.servers)]
@@ -494,15 +496,17 @@ def scenario(stack: Stack, tires: list[Tire], *, seconds: float) -> None:
     ]
     with ThreadPoolExecutor(8) as pool:
         futures = [pool.submit(client_loop, worker) for worker in range(8)]
-        while phase() < 1:
-            while events and events[0][0] <= phase():
-                _, dag_id, succeeded, values = events.pop(0)
-                push_pipeline(stack, dag_id, succeeded=succeeded, **values)
-            if int(phase() * 20) > sent["pushes"]:  # the sensor succeeds now and then
-                sent["pushes"] = int(phase() * 20)
-                if phase() < 0.8 or phase() > 0.9:
-                    push_pipeline(stack, "tire_data_sensor", succeeded=True)
-            time.sleep(0.5)
-        stop.set()
+        try:
+            while phase() < 1 and not any(f.done() for f in futures):
+                while events and events[0][0] <= phase():
+                    _, dag_id, succeeded, values = events.pop(0)
+                    push_pipeline(stack, dag_id, succeeded=succeeded, **values)
+                if int(phase() * 20) > sent["pushes"]:  # the sensor succeeds now and then
+                    sent["pushes"] = int(phase() * 20)
+                    if phase() < 0.8 or phase() > 0.9:
+                        push_pipeline(stack, "tire_data_sensor", succeeded=True)
+                time.sleep(0.5)
+        finally:
+            stop.set()
         for future in futures:
             future.result()
