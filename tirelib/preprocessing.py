@@ -75,6 +75,16 @@ def open_image(
     return image, declared
 
 
+def load_image(image: Image.Image) -> Image.Image:
+    """An image from :func:`open_image`, its pixels decoded now; a :class:`DataError` when the
+    bytes do not decode."""
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise DataError(f"image could not be decoded: {error}") from error
+    return image
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     """Scale to [0, 1], resize to a square ``image_size`` (bilinear, antialiased), normalise."""
@@ -90,18 +100,38 @@ class Preprocessing:
     def from_dict(cls, value: dict[str, Any]) -> Preprocessing:
         return cls(int(value["image_size"]), tuple(value["mean"]), tuple(value["std"]))
 
+    def finish(self, batch: torch.Tensor) -> torch.Tensor:
+        """``batch`` is NCHW floats in [0, 1]: resize, then normalise.
+
+        A batch already ``image_size`` pixels square is not resized: the antialiased bilinear
+        resize to the same size is the identity, to the bit.
+        """
+        if tuple(batch.shape[-2:]) != (self.image_size, self.image_size):
+            batch = functional.interpolate(
+                batch,
+                size=(self.image_size, self.image_size),
+                mode="bilinear",
+                antialias=True,
+                align_corners=False,
+            )
+        mean = torch.tensor(self.mean, dtype=batch.dtype).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=batch.dtype).view(1, 3, 1, 1)
+        return (batch - mean) / std
+
+    def finish_hwc(self, images: np.ndarray) -> torch.Tensor:
+        """An NHWC batch of RGB images, uint8 in [0, 255] or float32 in [0, 1], resized and
+        normalised: what :meth:`from_pil` and :meth:`from_array` give, for many images at once.
+
+        ``images`` must be writable; it is read in place, not copied.
+        """
+        nchw = torch.from_numpy(images).permute(0, 3, 1, 2)
+        if images.dtype == np.uint8:
+            nchw = nchw.float().div_(255.0)
+        return self.finish(nchw)
+
     def _finish(self, chw: torch.Tensor) -> torch.Tensor:
         """``chw`` is float in [0, 1]: resize, then normalise."""
-        resized = functional.interpolate(
-            chw.unsqueeze(0),
-            size=(self.image_size, self.image_size),
-            mode="bilinear",
-            antialias=True,
-            align_corners=False,
-        ).squeeze(0)
-        mean = torch.tensor(self.mean, dtype=resized.dtype).view(3, 1, 1)
-        std = torch.tensor(self.std, dtype=resized.dtype).view(3, 1, 1)
-        return (resized - mean) / std
+        return self.finish(chw.unsqueeze(0)).squeeze(0)
 
     def from_pil(self, image: Image.Image) -> torch.Tensor:
         if image.mode in SIXTEEN_BIT_MODES:
@@ -134,11 +164,7 @@ class Preprocessing:
 
     def decode(self, image: Image.Image) -> torch.Tensor:
         """An image from :func:`open_image`, decoded now, resized and normalised."""
-        try:
-            image.load()
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-            raise DataError(f"image could not be decoded: {error}") from error
-        return self.from_pil(image)
+        return self.from_pil(load_image(image))
 
     def from_array(self, value: Any) -> torch.Tensor:
         """An HWC image (nested lists or an array) of floats in [0, 1], any height and width.

@@ -31,7 +31,7 @@ from tirelib.errors import DataError, ImageTooLargeError
 from tirelib.logs import install_redaction
 from tirelib.serve.batching import DynamicBatcher
 from tirelib.serve.config import ServeConfig, load_serve_config
-from tirelib.serve.decoding import DecodeGate, PixelLimits
+from tirelib.serve.decoding import DecodeGate, DecodePool, PixelLimits
 from tirelib.serve.deps import ServeState, json_response, register_convertors
 from tirelib.serve.feedback import FeedbackStore
 from tirelib.serve.inputs import Limits
@@ -218,6 +218,7 @@ def create_app(
         await batcher.start()
         holder.start()
         sink = start_sink(config, resolved, metrics)
+        decoders = DecodePool(config.resolved_threads())
         log.info(
             "serving %s as '%s' (%s, %d threads, batches of up to %d, wait %g ms)",
             model_source.uri, config.name, holder.device, torch.get_num_threads(),
@@ -235,12 +236,14 @@ def create_app(
             gate=DecodeGate(config.decode_budget_images, config.decode_queue_images),
             feedback=FeedbackStore(config.feedback_window_requests, config.feedback_ttl_seconds),
             sink=sink,
+            decoders=decoders,
         )
         try:
             yield
         finally:
             holder.stop()
             await batcher.stop()
+            decoders.close()
             if sink is not None:  # what the answered requests left to write is written now
                 await asyncio.to_thread(sink.close)
 

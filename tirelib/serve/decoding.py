@@ -23,22 +23,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
 from tirelib.errors import DataError, ImageTooLargeError
-from tirelib.preprocessing import MAX_IMAGE_PIXELS, Preprocessing, open_image
+from tirelib.preprocessing import (
+    MAX_IMAGE_PIXELS,
+    SIXTEEN_BIT_MODES,
+    Preprocessing,
+    load_image,
+    open_image,
+)
 from tirelib.serve.config import ServeConfig
-from tirelib.serve.inputs import Limits, Located, RawImage, _check_sides, to_tensor
+from tirelib.serve.inputs import Limits, Located, RawImage, _check_sides, pixel_array, to_tensor
 
 SMALL_SHARE = 1 / 16
 """A request holding at most this share of one image's budget never waits at the gate."""
 RETRY_AFTER_S = 1
 """What a 503 from a full decode queue tells the client to wait, seconds."""
+PARALLEL_PIXELS = 512 * 512
+"""Encoded pixels a request holds at least for its images to be decoded in several threads."""
 
 
 @dataclass(frozen=True)
@@ -138,23 +148,155 @@ class Admitted:
     pixels: int
     items: list[_Item] = field(default_factory=list)
 
-    def decode(self) -> torch.Tensor:
-        """The NCHW batch, prepared as the model was trained (heavy: run it off the loop)."""
-        tensors = []
-        for item in self.items:
-            if isinstance(item.image, Image.Image):
+    def decode(self, pool: DecodePool | None = None) -> torch.Tensor:
+        """The NCHW batch, prepared as the model was trained (heavy: run it off the loop).
+
+        Encoded images are decoded in ``pool``'s threads; images of the same size are resized
+        and normalised together, as one batch, and float images are checked for range and
+        finiteness that way too. An image this does not fit (16-bit grayscale, 1 or 4 channels,
+        a bad value) goes through the one-image path, which also names what is wrong; the first
+        bad image of the request, in order, is the error.
+        """
+        pixels: dict[int, np.ndarray] = {}  # HWC: uint8 RGB, or float32 in [0, 1]
+        finished: dict[int, torch.Tensor] = {}
+        errors: dict[int, DataError] = {}
+        encoded = [i for i, item in enumerate(self.items) if isinstance(item.image, Image.Image)]
+        size = sum(_pixels(self.items[i].image) for i in encoded)
+        for part in (pool or _IN_PLACE).map(self._decode_some, encoded, size):
+            for index, result in part:
+                if isinstance(result, DataError):
+                    errors[index] = result
+                elif isinstance(result, torch.Tensor):
+                    finished[index] = result
+                else:
+                    pixels[index] = result
+        for index, item in enumerate(self.items):
+            sent = item.image
+            if isinstance(sent, Image.Image):
+                continue
+            image = sent
+            if isinstance(sent, list):  # read by the general path: nested lists
                 try:
-                    tensors.append(self.prep.decode(item.image))
-                except DataError as error:
-                    raise DataError(f"{item.where}: {error}") from error
+                    image = pixel_array(sent)
+                except DataError:
+                    self._one(index, sent, finished, errors)
+                    continue
+            array = _float_candidate(image, self.limits)
+            if array is None:
+                self._one(index, image, finished, errors)
             else:
-                tensors.append(to_tensor(self.prep, item.image, self.limits, item.where))
-        return self.prep.batch(tensors)
+                pixels[index] = array
+        for group in _groups(pixels):
+            stacked = np.stack([pixels[i] for i in group])
+            if stacked.dtype == np.float32 and not _in_range(stacked):
+                for index in group:  # the one-image path finds the bad ones and names them
+                    self._one(index, pixels[index], finished, errors)
+                continue
+            finished.update(zip(group, self.prep.finish_hwc(stacked), strict=True))
+        if errors:
+            raise errors[min(errors)]
+        return self.prep.batch([finished[i] for i in range(len(self.items))])
+
+    def _one(
+        self,
+        index: int,
+        image: RawImage,
+        finished: dict[int, torch.Tensor],
+        errors: dict[int, DataError],
+    ) -> None:
+        """A float image through the one-image path: its tensor, or its error."""
+        try:
+            finished[index] = to_tensor(self.prep, image, self.limits, self.items[index].where)
+        except DataError as error:
+            errors[index] = error
+
+    def _decode_some(
+        self, indices: Sequence[int]
+    ) -> list[tuple[int, np.ndarray | torch.Tensor | DataError]]:
+        """Decode the encoded images at ``indices`` (one thread's share): each one's RGB
+        pixels, its finished tensor (16-bit grayscale) or its error."""
+        results: list[tuple[int, np.ndarray | torch.Tensor | DataError]] = []
+        for index in indices:
+            item = self.items[index]
+            assert isinstance(item.image, Image.Image)
+            try:
+                image = load_image(item.image)
+                if image.mode in SIXTEEN_BIT_MODES:
+                    results.append((index, self.prep.from_pil(image)))
+                else:
+                    results.append((index, np.asarray(image.convert("RGB"), dtype=np.uint8)))
+            except DataError as error:
+                results.append((index, DataError(f"{item.where}: {error}")))
+        return results
 
     def close(self) -> None:
         for item in self.items:
             if isinstance(item.image, Image.Image):
                 item.image.close()
+
+
+Share = Callable[[Sequence[int]], list[Any]]
+
+
+class DecodePool:
+    """Threads that decode a request's encoded images side by side (Pillow's decoders let go
+    of the GIL). Images are dealt out in one share per thread, and only when the request holds
+    at least :data:`PARALLEL_PIXELS` encoded pixels: for a few small images, a thread's start
+    costs more than their decoding."""
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tire-decode")
+
+    def map(self, share: Share, indices: list[int], pixels: int = 0) -> Iterator[list[Any]]:
+        if self.threads < 2 or len(indices) < 2 or pixels < PARALLEL_PIXELS:
+            return _IN_PLACE.map(share, indices)
+        count = min(self.threads, len(indices))
+        return self._executor.map(share, [indices[k::count] for k in range(count)])
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class _InPlace:
+    """Every share decoded in the calling thread."""
+
+    def map(self, share: Share, indices: list[int], pixels: int = 0) -> Iterator[list[Any]]:
+        return iter([share(indices)] if indices else [])
+
+
+_IN_PLACE = _InPlace()
+
+
+def _float_candidate(image: RawImage, limits: Limits) -> np.ndarray | None:
+    """A float image that the batch path takes as it is: an ``[H, W, 3]`` array within the
+    side limits (values are checked with its batch); None for the one-image path."""
+    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
+        return None
+    height, width = image.shape[:2]
+    if not (0 < height <= limits.max_image_side and 0 < width <= limits.max_image_side):
+        return None
+    if height * width > MAX_IMAGE_PIXELS:
+        return None
+    return np.asarray(image, dtype=np.float32)
+
+
+def _pixels(image: Image.Image | RawImage) -> int:
+    return image.width * image.height if isinstance(image, Image.Image) else 0
+
+
+def _groups(pixels: dict[int, np.ndarray]) -> list[list[int]]:
+    """The indices of ``pixels`` by size and type, each group in order."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for index in sorted(pixels):
+        array = pixels[index]
+        groups.setdefault((*array.shape, array.dtype.num), []).append(index)
+    return list(groups.values())
+
+
+def _in_range(images: np.ndarray) -> bool:
+    """Every value finite and in [0, 1] (NaN fails both comparisons)."""
+    return bool(images.size) and bool(float(images.min()) >= 0.0 and float(images.max()) <= 1.0)
 
 
 def _float_size(image: RawImage) -> tuple[int, int]:

@@ -24,13 +24,21 @@ from tirelib.errors import DataError
 from tirelib.preprocessing import Preprocessing
 from tirelib.serve.batching import DynamicBatcher
 from tirelib.serve.config import ServeConfig
-from tirelib.serve.decoding import Admitted, DecodeGate, DecodeQueueFull, PixelLimits, admit
+from tirelib.serve.decoding import (
+    Admitted,
+    DecodeGate,
+    DecodePool,
+    DecodeQueueFull,
+    PixelLimits,
+    admit,
+)
+from tirelib.serve.fastjson import PredictImages, read_predict_images
 from tirelib.serve.feedback import FeedbackStore, Prediction
-from tirelib.serve.inputs import Limits, Located, RawImage
+from tirelib.serve.inputs import Limits, Located, RawImage, from_columnar, from_instances
 from tirelib.serve.limits import clip, excerpt
 from tirelib.serve.metrics import ServeMetrics
 from tirelib.serve.model import ModelHolder, ServedModel
-from tirelib.serve.schemas import ErrorBody, parse_body
+from tirelib.serve.schemas import ErrorBody, PredictRequest, parse_body
 from tirelib.serve.sink import Sink, capture_object_key, image_extension, utc_day
 
 SIGNATURE = "serving_default"
@@ -82,6 +90,7 @@ class ServeState:
     gate: DecodeGate
     feedback: FeedbackStore
     sink: Sink | None = None  # None: feedback and captures are not written to S3
+    decoders: DecodePool | None = None  # None: a request's images decode in its own thread
 
 
 def request_body(model: type[BaseModel]) -> dict[str, Any]:
@@ -153,6 +162,26 @@ async def read_body(request: Request, model: type[BodyT]) -> BodyT:
     return await run_in_threadpool(parse_body, raw, model)
 
 
+def parse_predict_body(raw: bytes, limits: Limits) -> PredictImages:
+    """A predict body's images: the common bodies straight into arrays
+    (:mod:`tirelib.serve.fastjson`), any other through :class:`PredictRequest`, which also
+    says what is wrong with a bad one."""
+    fast = read_predict_images(raw, limits)
+    if fast is not None:
+        return fast
+    body = parse_body(raw, PredictRequest)
+    check_signature(body.signature_name)
+    if body.instances is not None:
+        return PredictImages(row=True, images=from_instances(body.instances, limits))
+    return PredictImages(row=False, images=from_columnar(body.inputs, limits))
+
+
+async def read_predict_body(request: Request, limits: Limits) -> PredictImages:
+    """The images of a TF Serving predict body (row or columnar form), off the event loop."""
+    raw = await request.body()
+    return await run_in_threadpool(parse_predict_body, raw, limits)
+
+
 @dataclass(frozen=True)
 class Prepared:
     """A request's images, preprocessed, with each one's brightness and contrast; when the
@@ -207,7 +236,7 @@ async def prepare_images(
         return admit(model.prep, found, budget, state.limits)
 
     def decode() -> Prepared:
-        images = admitted.decode()
+        images = admitted.decode(state.decoders)
         brightness, contrast = input_statistics(model.prep, images)
         captured = _as_sent(found, admitted) if capture else None
         return Prepared(images, brightness, contrast, captured)

@@ -21,6 +21,7 @@ from tirelib.serve.deps import (
     predict_images,
     prepare_images,
     read_body,
+    read_predict_body,
     request_body,
     select_model,
 )
@@ -29,9 +30,7 @@ from tirelib.serve.inputs import (
     FLOAT_INPUT,
     Located,
     check_count,
-    from_columnar,
     from_examples,
-    from_instances,
 )
 from tirelib.serve.limits import excerpt
 from tirelib.serve.model import ServedModel, VersionState
@@ -152,19 +151,11 @@ def build_router(name: str) -> APIRouter:
         request: Request, state: ServeState, model: ServedModel, labels: bool, request_id: str
     ) -> Response:
         with state.batcher.arriving():
-            body = await read_body(request, PredictRequest)
-            check_signature(body.signature_name)
-            row = body.instances is not None
-            if row:
-                prepared = await prepare_images(
-                    state, model, from_instances, body.instances, state.limits
-                )
-            else:
-                prepared = await prepare_images(
-                    state, model, from_columnar, body.inputs, state.limits
-                )
+            body = await read_predict_body(request, state.limits)
+            prepared = await prepare_images(state, model, lambda: body.images)
         probabilities = await predict_images(state, model, prepared, request_id)
-        answer: dict[str, Any] = {("predictions" if row else "outputs"): probabilities.tolist()}
+        key = "predictions" if body.row else "outputs"
+        answer: dict[str, Any] = {key: probabilities.tolist()}
         if labels:
             answer["classes"] = list(model.classes)
             answer["labels"] = [model.classes[i] for i in probabilities.argmax(axis=1).tolist()]
