@@ -122,12 +122,26 @@ class Preprocessing:
         """An NHWC batch of RGB images, uint8 in [0, 255] or float32 in [0, 1], resized and
         normalised: what :meth:`from_pil` and :meth:`from_array` give, for many images at once.
 
-        ``images`` must be writable; it is read in place, not copied.
+        The scaling and normalisation run in numpy, in the calling thread: torch would spread
+        these small element-wise passes over its thread pool, which waits for CPUs that the
+        forward pass (or anything else) holds. The numbers are torch's, to the bit; the resize,
+        when one is needed, is torch's own.
         """
-        nchw = torch.from_numpy(images).permute(0, 3, 1, 2)
+        pixels = images.astype(np.float32)
         if images.dtype == np.uint8:
-            nchw = nchw.float().div_(255.0)
-        return self.finish(nchw)
+            pixels /= 255.0
+        if pixels.shape[1:3] != (self.image_size, self.image_size):
+            resized = functional.interpolate(
+                torch.from_numpy(pixels).permute(0, 3, 1, 2),
+                size=(self.image_size, self.image_size),
+                mode="bilinear",
+                antialias=True,
+                align_corners=False,
+            )
+            pixels = np.ascontiguousarray(resized.permute(0, 2, 3, 1).numpy())
+        pixels -= np.asarray(self.mean, dtype=np.float32)
+        pixels /= np.asarray(self.std, dtype=np.float32)
+        return torch.from_numpy(pixels).permute(0, 3, 1, 2)
 
     def _finish(self, chw: torch.Tensor) -> torch.Tensor:
         """``chw`` is float in [0, 1]: resize, then normalise."""
