@@ -124,6 +124,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/dataloading.py
 	$(BIN)/python bench/training.py
 	$(BIN)/python bench/serving.py
+	$(BIN)/python bench/serving_cifar.py
 
 stack-up: $(STAMP)
 	$(BIN)/tirelib stack up
