@@ -11,7 +11,9 @@ request that is too large is refused before any pixel is decoded:
    float image counts its height x width. Over budget is an
    :class:`~tirelib.errors.ImageTooLargeError` (the routes answer 413); a decompression bomb (a
    header declaring 50,000 x 50,000 pixels) is one too.
-2. :meth:`Admitted.decode` decodes and preprocesses the images, one at a time.
+2. :meth:`Admitted.decode` decodes the encoded images (in a :class:`DecodePool`'s threads when
+   they are many pixels) and preprocesses the request's images in batches of one size: scaled,
+   checked (floats: finite and in [0, 1]), resized and normalised together.
 
 Between the two, :class:`DecodeGate` bounds the pixels being decoded at once in the whole server,
 so concurrent large requests cannot stack up memory: a request that does not fit waits its turn

@@ -1,7 +1,8 @@
 """From request bodies to image tensors: TF Serving's row and columnar forms, classify examples,
 Open Inference Protocol tensors and uploaded files.
 
-Parsing finds the images and checks the request's shape (cheap); :mod:`tirelib.serve.decoding`
+Parsing finds the images and checks the request's shape (cheap; the common predict bodies take a
+faster road, :mod:`tirelib.serve.fastjson`, with the same answers); :mod:`tirelib.serve.decoding`
 checks them against the pixel budget, then decodes and resizes them with the served model's own
 :class:`~tirelib.preprocessing.Preprocessing` (heavy, run off the event loop). Every problem is
 a :class:`~tirelib.errors.DataError` whose message names the instance (``instances[3]: …``) and
