@@ -322,8 +322,8 @@ def draw_timeseries(
     # The y range as Grafana sets it: the data's, widened to the soft limits, fixed by min/max;
     # threshold lines are drawn inside it and do not widen it.
     low, high = ax.get_ylim()
-    if high - low < 1e-9:
-        low, high = min(low, 0.0), max(high, 1.0)
+    if all(v == 0 for _, points in series for _, v in points):
+        low, high = 0.0, 1.0  # Grafana's axis for a flat zero
     low = min(low, custom.get("axisSoftMin", low))
     high = max(high, custom.get("axisSoftMax", high))
     ax.set_ylim(field.get("min", low), field.get("max", high))

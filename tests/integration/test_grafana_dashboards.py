@@ -120,7 +120,9 @@ def monitoring_stack(root: Path, model: Path, *, replicas: int = 1) -> Iterator[
         port = free_port()
         pushgateway = _process(
             "pushgateway",
-            [pushgateway_bin, f"--web.listen-address=127.0.0.1:{port}"],
+            # Debian's build persists to /var/lib/prometheus by default: keep this one's
+            # metrics in memory, so no run sees another's.
+            [pushgateway_bin, f"--web.listen-address=127.0.0.1:{port}", "--persistence.file="],
             root / "pushgateway",
             port,
             "/-/ready",
@@ -295,11 +297,13 @@ def wait_for(check: Callable[[], list[str]], what: str, timeout: float = DEADLIN
 
 
 def not_scraped_since(prom: Any, moment: float) -> list[str]:
-    """The jobs whose latest scrape began before ``moment``."""
+    """The jobs with a target whose last successful scrape began before ``moment`` (read from
+    the raw samples of ``up``: ``timestamp()`` of an expression is the evaluation time)."""
     late = []
     for job in ("model-server", "pushgateway"):
-        result = prom.query(f'min(timestamp(up{{job="{job}"}} == 1))', time.time())
-        if not result or float(result[0]["value"][1]) <= moment:
+        targets = prom.query(f'up{{job="{job}"}}[30s]', time.time())
+        last = [item["values"][-1] for item in targets]
+        if not last or any(float(t) <= moment or v != "1" for t, v in last):
             late.append(job)
     return late
 
