@@ -120,28 +120,32 @@ class Preprocessing:
 
     def finish_hwc(self, images: np.ndarray) -> torch.Tensor:
         """An NHWC batch of RGB images, uint8 in [0, 255] or float32 in [0, 1], resized and
-        normalised: what :meth:`from_pil` and :meth:`from_array` give, for many images at once.
+        normalised: what :meth:`from_pil` and :meth:`from_array` give, for many images at once,
+        as one contiguous NCHW tensor.
 
         The scaling and normalisation run in numpy, in the calling thread: torch would spread
         these small element-wise passes over its thread pool, which waits for CPUs that the
         forward pass (or anything else) holds. The numbers are torch's, to the bit; the resize,
         when one is needed, is torch's own.
         """
-        pixels = images.astype(np.float32)
-        if images.dtype == np.uint8:
-            pixels /= 255.0
-        if pixels.shape[1:3] != (self.image_size, self.image_size):
+        eight_bit = images.dtype == np.uint8
+        if images.shape[1:3] != (self.image_size, self.image_size):
+            scaled = np.divide(images, 255.0, dtype=np.float32) if eight_bit else images
             resized = functional.interpolate(
-                torch.from_numpy(pixels).permute(0, 3, 1, 2),
+                torch.from_numpy(np.require(scaled, np.float32, "W")).permute(0, 3, 1, 2),
                 size=(self.image_size, self.image_size),
                 mode="bilinear",
                 antialias=True,
                 align_corners=False,
             )
-            pixels = np.ascontiguousarray(resized.permute(0, 2, 3, 1).numpy())
-        pixels -= np.asarray(self.mean, dtype=np.float32)
-        pixels /= np.asarray(self.std, dtype=np.float32)
-        return torch.from_numpy(pixels).permute(0, 3, 1, 2)
+            pixels = np.ascontiguousarray(resized.numpy())
+        elif eight_bit:  # scaled as float32 into NCHW order, in one pass
+            pixels = np.divide(images.transpose(0, 3, 1, 2), 255.0, dtype=np.float32, order="C")
+        else:
+            pixels = np.array(images.transpose(0, 3, 1, 2), dtype=np.float32, order="C")
+        pixels -= np.asarray(self.mean, dtype=np.float32).reshape(1, 3, 1, 1)
+        pixels /= np.asarray(self.std, dtype=np.float32).reshape(1, 3, 1, 1)
+        return torch.from_numpy(pixels)
 
     def _finish(self, chw: torch.Tensor) -> torch.Tensor:
         """``chw`` is float in [0, 1]: resize, then normalise."""

@@ -160,7 +160,8 @@ class Admitted:
         bad image of the request, in order, is the error.
         """
         pixels: dict[int, np.ndarray] = {}  # HWC: uint8 RGB, or float32 in [0, 1]
-        finished: dict[int, torch.Tensor] = {}
+        finished: dict[int, torch.Tensor] = {}  # through the one-image path
+        batches: list[tuple[list[int], torch.Tensor]] = []
         errors: dict[int, DataError] = {}
         encoded = [i for i, item in enumerate(self.items) if isinstance(item.image, Image.Image)]
         size = sum(_pixels(self.items[i].image) for i in encoded)
@@ -189,15 +190,24 @@ class Admitted:
             else:
                 pixels[index] = array
         for group in _groups(pixels):
-            stacked = np.stack([pixels[i] for i in group])
+            arrays = [pixels[i] for i in group]
+            stacked = arrays[0][None] if len(arrays) == 1 else np.stack(arrays)
             if stacked.dtype == np.float32 and not _in_range(stacked):
                 for index in group:  # the one-image path finds the bad ones and names them
                     self._one(index, pixels[index], finished, errors)
                 continue
-            finished.update(zip(group, self.prep.finish_hwc(stacked), strict=True))
+            batches.append((group, self.prep.finish_hwc(stacked)))
         if errors:
             raise errors[min(errors)]
-        return self.prep.batch([finished[i] for i in range(len(self.items))])
+        if len(batches) == 1 and len(batches[0][0]) == len(self.items):
+            return batches[0][1]  # one size, the common case: already in order
+        size = self.prep.image_size
+        out = np.empty((len(self.items), 3, size, size), dtype=np.float32)
+        for group, batch in batches:
+            out[group] = batch.numpy()
+        for index, tensor in finished.items():
+            out[index] = tensor.numpy()
+        return torch.from_numpy(out)
 
     def _one(
         self,
@@ -226,7 +236,8 @@ class Admitted:
                 if image.mode in SIXTEEN_BIT_MODES:
                     results.append((index, self.prep.from_pil(image)))
                 else:
-                    results.append((index, np.asarray(image.convert("RGB"), dtype=np.uint8)))
+                    rgb = image if image.mode == "RGB" else image.convert("RGB")
+                    results.append((index, np.asarray(rgb, dtype=np.uint8)))
             except DataError as error:
                 results.append((index, DataError(f"{item.where}: {error}")))
         return results
