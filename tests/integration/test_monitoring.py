@@ -1,8 +1,9 @@
 """Monitoring against a real Prometheus, a real MLflow registry and the Slack stand-in.
 
 A tiny exporter (prometheus_client, in this process) serves the model server's own metrics
-registry with values the test sets; Debian's ``prometheus`` scrapes it every second. Two registered versions of hand-made models carry baselines whose numbers the test
-chose, so it knows which live traffic is shifted and which is not. The monitoring window starts
+registry with values the test sets; Debian's ``prometheus`` scrapes it every second. Two
+registered versions of hand-made models carry baselines whose numbers the test chose, so it
+knows which live traffic is shifted and which is not. The monitoring window starts
 at the production version's promotion, so each phase of a test is judged on its own traffic:
 the test waits for a scrape after each promotion before sending more.
 """
