@@ -58,6 +58,7 @@ NO_SUCCESS_SECONDS = 7 * 86400  # TireNoSuccessfulRun
 GREEN, YELLOW, RED, BLUE = "green", "#EAB839", "red", "blue"
 RANGE = "$__range"
 RATE = "$__rate_interval"
+INTERVAL_S = "$__interval_ms / 1000"  # the query's step, in seconds
 
 
 # --- building blocks -------------------------------------------------------------------------
@@ -948,16 +949,15 @@ def pipeline() -> dm.Dashboard:
         .with_panel(
             timeseries_panel(
                 "Runs by outcome",
-                "Runs that ended in each interval: a new last-success or last-failure time.",
+                "Runs that ended in each interval: a last-success or last-failure time within "
+                "it (a DAG's first run counts too, which changes() would miss).",
                 [
                     Q(
-                        f"sum by (dag_id) (changes(tire_pipeline_last_success_timestamp_seconds"
-                        f"{{{DAG}}}[{RATE}]))",
+                        f"time() - {success} < bool ({INTERVAL_S})",
                         "succeeded {{dag_id}}",
                     ),
                     Q(
-                        f"sum by (dag_id) (changes(tire_pipeline_last_failure_timestamp_seconds"
-                        f"{{{DAG}}}[{RATE}]))",
+                        f"time() - {failure} < bool ({INTERVAL_S})",
                         "failed {{dag_id}}",
                     ),
                 ],

@@ -76,12 +76,14 @@ def interpolate(expr: str, values: Mapping[str, str]) -> str:
 
 
 def builtins(start: float, end: float, scrape_interval: float, step: float) -> dict[str, str]:
-    """Grafana's built-in variables for a time range (``$__rate_interval`` as Grafana derives
-    it: at least four scrape intervals, and one step plus one scrape interval)."""
+    """Grafana's built-in variables for a time range and step (``$__interval``: the step;
+    ``$__rate_interval`` as Grafana derives it: at least four scrape intervals, and one step
+    plus one scrape interval)."""
     rate = max(4 * scrape_interval, step + scrape_interval)
     return {
         "__rate_interval": f"{math.ceil(rate)}s",
         "__interval": f"{math.ceil(step)}s",
+        "__interval_ms": str(math.ceil(step * 1000)),
         "__range": f"{math.ceil(end - start)}s",
     }
 
