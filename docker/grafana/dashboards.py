@@ -58,7 +58,7 @@ NO_SUCCESS_SECONDS = 7 * 86400  # TireNoSuccessfulRun
 GREEN, YELLOW, RED, BLUE = "green", "#EAB839", "red", "blue"
 RANGE = "$__range"
 RATE = "$__rate_interval"
-INTERVAL_S = "$__interval_ms / 1000"  # the query's step, in seconds
+INTERVAL = "$__interval"  # the query's step
 
 
 # --- building blocks -------------------------------------------------------------------------
@@ -873,6 +873,15 @@ DAG = 'dag_id=~"$dag_id"'
 PROMOTED = 'tire_pipeline_promoted_test_metric{metric=~"accuracy|precision|recall|f1|roc_auc"}'
 
 
+def runs(metric: str) -> str:
+    """1 for each DAG whose ``metric`` (a run's end time) changed in the step, else 0; a series
+    that appeared in the step counts too (``changes()`` would miss a DAG's first run, and a
+    change between two windows)."""
+    now = f"max by (dag_id) ({metric}{{{DAG}}})"
+    before = f"max by (dag_id) ({metric}{{{DAG}}} offset {INTERVAL})"
+    return f"({now} != bool {before}) or (({now} unless {before}) * 0 + 1)"
+
+
 def pipeline() -> dm.Dashboard:
     """Runs and failures per DAG, time since the last success, training, what was promoted."""
     success = f"max by (dag_id) (tire_pipeline_last_success_timestamp_seconds{{{DAG}}})"
@@ -949,17 +958,11 @@ def pipeline() -> dm.Dashboard:
         .with_panel(
             timeseries_panel(
                 "Runs by outcome",
-                "Runs that ended in each interval: a last-success or last-failure time within "
-                "it (a DAG's first run counts too, which changes() would miss).",
+                "Runs that ended in each interval: a DAG's last-success or last-failure time "
+                "that changed, or appeared, since the interval before.",
                 [
-                    Q(
-                        f"time() - {success} < bool ({INTERVAL_S})",
-                        "succeeded {{dag_id}}",
-                    ),
-                    Q(
-                        f"time() - {failure} < bool ({INTERVAL_S})",
-                        "failed {{dag_id}}",
-                    ),
+                    Q(runs("tire_pipeline_last_success_timestamp_seconds"), "succeeded {{dag_id}}"),
+                    Q(runs("tire_pipeline_last_failure_timestamp_seconds"), "failed {{dag_id}}"),
                 ],
                 bars=True,
                 span=8,
