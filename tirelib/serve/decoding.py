@@ -201,6 +201,8 @@ class Admitted:
             raise errors[min(errors)]
         if len(batches) == 1 and len(batches[0][0]) == len(self.items):
             return batches[0][1]  # one size, the common case: already in order
+        if not self.items:
+            return self.prep.batch([])  # "no images given"
         size = self.prep.image_size
         out = np.empty((len(self.items), 3, size, size), dtype=np.float32)
         for group, batch in batches:
@@ -254,8 +256,8 @@ Share = Callable[[Sequence[int]], list[Any]]
 class DecodePool:
     """Threads that decode a request's encoded images side by side (Pillow's decoders let go
     of the GIL). Images are dealt out in one share per thread, and only when the request holds
-    at least :data:`PARALLEL_PIXELS` encoded pixels: for a few small images, a thread's start
-    costs more than their decoding."""
+    at least :data:`PARALLEL_PIXELS` encoded pixels: a few small images decode faster than they
+    are handed to other threads."""
 
     def __init__(self, threads: int) -> None:
         self.threads = threads
