@@ -13,7 +13,21 @@ served model).
 
 from __future__ import annotations
 
-from tirelib.serve.app import create_app
+from typing import TYPE_CHECKING, Any
+
 from tirelib.serve.config import ServeConfig, load_serve_config
 
+if TYPE_CHECKING:
+    from tirelib.serve.app import create_app
+
 __all__ = ["ServeConfig", "create_app", "load_serve_config"]
+
+
+def __getattr__(name: str) -> Any:
+    """``create_app`` is imported on first use: the command line reads the server's settings
+    (its options' help) without loading torch, FastAPI and the rest of the app."""
+    if name == "create_app":
+        from tirelib.serve.app import create_app
+
+        return create_app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
