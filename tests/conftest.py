@@ -13,6 +13,7 @@ name), so the manager is exercised by every integration test.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import threading
@@ -304,6 +305,44 @@ def lake_env(home: Path, s3_server: S3Server, suffix: str) -> dict[str, str]:
         "TIRE_DATA_BUCKET": f"tire-data-{suffix}",
         "TIRE_ARTIFACT_BUCKET": f"tire-artifacts-{suffix}",
     }
+
+
+@contextlib.contextmanager
+def module_env(
+    root: Path,
+    s3_server: S3Server,
+    mlflow_server: str,
+    name: str,
+    *,
+    own_model: bool = False,
+    extra: dict[str, str] | None = None,
+) -> Iterator[Settings]:
+    """The environment of a module-scoped fixture, as ``tracked_env`` is a test's.
+
+    A home under ``root``, fresh buckets on ``s3_server``, the session's MLflow server with an
+    experiment ``tire-<name>-<8 hex>`` (and, with ``own_model``, a model name) of its own, and
+    ``extra`` variables; the cached settings are reset on the way in and out.
+    """
+    suffix = secrets.token_hex(4)
+    env = {
+        **lake_env(root / "home", s3_server, suffix),
+        "MLFLOW_TRACKING_URI": mlflow_server,
+        "TIRE_EXPERIMENT": f"tire-{name}-{suffix}",
+        **({"TIRE_MODEL_NAME": f"tire-defect-classifier-{suffix}"} if own_model else {}),
+        **(extra or {}),
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        for variable in _FOREIGN_ENV:
+            patch.delenv(variable, raising=False)
+        for variable, value in env.items():
+            patch.setenv(variable, value)
+        reset_settings()
+        try:
+            settings = get_settings()
+            create_buckets(settings, [settings.data_bucket, settings.artifact_bucket])
+            yield settings
+        finally:
+            reset_settings()
 
 
 @pytest.fixture

@@ -21,15 +21,14 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import _FOREIGN_ENV, S3Server, lake_env
+from tests.conftest import S3Server, module_env
 from tests.factories import png_bytes
 from tirelib import pipeline
 from tirelib.cli import main
 from tirelib.data import FeedbackReport, read_manifest, version_from_feedback
 from tirelib.evaluate import MODEL_URI_TAG
 from tirelib.pyfunc import TireClassifier
-from tirelib.settings import Settings, get_settings, reset_settings
-from tirelib.stack import create_buckets
+from tirelib.settings import Settings
 from tirelib.storage import (
     ObjectStore,
     capture_key,
@@ -138,21 +137,7 @@ def world(
     tmp_path_factory: pytest.TempPathFactory, s3_server: S3Server, mlflow_server: str
 ) -> Iterator[World]:
     root = tmp_path_factory.mktemp("batch")
-    suffix = secrets.token_hex(4)
-    env = {
-        **lake_env(root / "home", s3_server, suffix),
-        "MLFLOW_TRACKING_URI": mlflow_server,
-        "TIRE_EXPERIMENT": f"tire-batch-{suffix}",
-        "TIRE_MODEL_NAME": f"tire-defect-classifier-{suffix}",
-    }
-    with pytest.MonkeyPatch.context() as patch:
-        for name in _FOREIGN_ENV:
-            patch.delenv(name, raising=False)
-        for name, value in env.items():
-            patch.setenv(name, value)
-        reset_settings()
-        settings = get_settings()
-        create_buckets(settings, [settings.data_bucket, settings.artifact_bucket])
+    with module_env(root, s3_server, mlflow_server, "batch", own_model=True) as settings:
         store = ObjectStore.for_data(settings)
         expected = _write_production_traffic(store)
         report = version_from_feedback(store, VERSION, progress=False)
@@ -168,7 +153,6 @@ def world(
         client.set_registered_model_alias(settings.model_name, "production", str(version))
         model = mlflow.pyfunc.load_model(f"models:/{settings.model_name}/1").unwrap_python_model()
         yield World(settings, store, report, model, expected)
-    reset_settings()
 
 
 # --- production data back into training ----------------------------------------------------

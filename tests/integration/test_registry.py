@@ -24,7 +24,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from tests.cli import tirelib
-from tests.conftest import _FOREIGN_ENV, S3Server, lake_env
+from tests.conftest import S3Server, module_env
 from tirelib import registry, tracking
 from tirelib.cli import app
 from tirelib.data import ensure_splits, upload_version
@@ -109,20 +109,7 @@ def world(
 ) -> Iterator[World]:
     """One dataset version and the module's runs, made once (a module-scoped environment)."""
     root = tmp_path_factory.mktemp("registry")
-    suffix = secrets.token_hex(4)
-    env = {
-        **lake_env(root / "home", s3_server, suffix),
-        "MLFLOW_TRACKING_URI": mlflow_server,
-        "TIRE_EXPERIMENT": f"tire-registry-{suffix}",
-    }
-    with pytest.MonkeyPatch.context() as patch:
-        for name in _FOREIGN_ENV:
-            patch.delenv(name, raising=False)
-        for name, value in env.items():
-            patch.setenv(name, value)
-        reset_settings()
-        settings = get_settings()
-        create_buckets(settings, [settings.data_bucket, settings.artifact_bucket])
+    with module_env(root, s3_server, mlflow_server, "registry") as settings:
         generate(root / "synth", 100, seed=11, size=64)
         store = ObjectStore.for_data(settings)
         upload_version(store, root / "synth", VERSION, progress=False)
@@ -142,7 +129,6 @@ def world(
             for key, values in RANKED.items()
         }
         yield World(settings, pg_database_url, classes, trained, defective, good, ranked)
-    reset_settings()
 
 
 @pytest.fixture

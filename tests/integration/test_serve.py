@@ -13,7 +13,6 @@ import base64
 import io
 import json
 import os
-import secrets
 import shutil
 import subprocess
 import sys
@@ -36,7 +35,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.cli import tirelib
-from tests.conftest import _FOREIGN_ENV, S3Server, SlackReceiver, lake_env
+from tests.conftest import S3Server, SlackReceiver, module_env
 from tests.integration.model_server import running_server
 from tirelib import tracking
 from tirelib.data import ensure_splits, upload_version
@@ -44,8 +43,8 @@ from tirelib.evaluate import MODEL_URI_TAG, evaluate_model
 from tirelib.models import get_model, get_spec
 from tirelib.preprocessing import Preprocessing
 from tirelib.pyfunc import TireClassifier, write_model_files
-from tirelib.settings import Settings, get_settings, reset_settings
-from tirelib.stack import HttpCheck, ManagedProcess, create_buckets, free_port
+from tirelib.settings import Settings
+from tirelib.stack import HttpCheck, ManagedProcess, free_port
 from tirelib.storage import ObjectStore
 from tirelib.synth import generate
 from tirelib.train import make_config, train
@@ -124,22 +123,14 @@ def world(
 ) -> Iterator[World]:
     """``tracked_env``'s environment, for the whole module, and three registered versions."""
     root = tmp_path_factory.mktemp("serve")
-    suffix = secrets.token_hex(4)
-    env = {
-        **lake_env(root / "home", s3_server, suffix),
-        "MLFLOW_TRACKING_URI": mlflow_server,
-        "TIRE_EXPERIMENT": f"tire-serve-{suffix}",
-        "TIRE_MODEL_NAME": f"tire-defect-classifier-{suffix}",
-        "TIRE_SLACK_WEBHOOK_URL": _slack_server.url,
-    }
-    with pytest.MonkeyPatch.context() as patch:
-        for name in _FOREIGN_ENV:
-            patch.delenv(name, raising=False)
-        for name, value in env.items():
-            patch.setenv(name, value)
-        reset_settings()
-        settings = get_settings()
-        create_buckets(settings, [settings.data_bucket, settings.artifact_bucket])
+    with module_env(
+        root,
+        s3_server,
+        mlflow_server,
+        "serve",
+        own_model=True,
+        extra={"TIRE_SLACK_WEBHOOK_URL": _slack_server.url},
+    ) as settings:
         generate(root / "synth", 80, seed=21, size=64)
         store = ObjectStore.for_data(settings)
         upload_version(store, root / "synth", VERSION, progress=False)
@@ -163,7 +154,6 @@ def world(
         }
         images = sorted((root / "synth").rglob("*.png"))[:12]
         yield World(settings, name, classes, images, models)
-    reset_settings()
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ command line counts the runs of its own experiment.
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 from mlflow import MlflowClient
 
 from tests.cli import tirelib
-from tests.conftest import _FOREIGN_ENV, S3Server, lake_env
+from tests.conftest import S3Server, module_env
 from tirelib.data import read_split, upload_version
 from tirelib.drift import (
     BASELINE_FILE,
@@ -33,7 +32,6 @@ from tirelib.drift import (
 )
 from tirelib.evaluate import MODEL_URI_TAG, evaluate_model, evaluate_run
 from tirelib.settings import Settings, get_settings, reset_settings
-from tirelib.stack import create_buckets
 from tirelib.storage import ContentCache, ObjectStore
 from tirelib.synth import generate
 from tirelib.train import TrainResult, make_config, train
@@ -56,20 +54,7 @@ def world(
 ) -> Iterator[World]:
     """One uploaded version and one finished run per model type (a module-scoped environment)."""
     root = tmp_path_factory.mktemp("training")
-    suffix = secrets.token_hex(4)
-    env = {
-        **lake_env(root / "home", s3_server, suffix),
-        "MLFLOW_TRACKING_URI": mlflow_server,
-        "TIRE_EXPERIMENT": f"tire-training-{suffix}",
-    }
-    with pytest.MonkeyPatch.context() as patch:
-        for name in _FOREIGN_ENV:
-            patch.delenv(name, raising=False)
-        for name, value in env.items():
-            patch.setenv(name, value)
-        reset_settings()
-        settings = get_settings()
-        create_buckets(settings, [settings.data_bucket, settings.artifact_bucket])
+    with module_env(root, s3_server, mlflow_server, "training") as settings:
         generate(root / "synth", 120, seed=5, size=64)
         upload_version(ObjectStore.for_data(settings), root / "synth", VERSION, progress=False)
         runs = {
@@ -83,7 +68,6 @@ def world(
             for model_type, epochs in EPOCHS.items()
         }
         yield World(settings, runs)
-    reset_settings()
 
 
 @pytest.fixture
