@@ -113,7 +113,8 @@ def pixel_array(value: list[Any], dtype: Any = np.float32) -> np.ndarray:
             f"{_SHAPE_HINT}; ragged or non-numeric values are not allowed ({detail})"
         ) from error
     try:
-        return np.asarray(value, dtype=dtype)
+        with np.errstate(over="ignore"):  # too large for float32: inf, refused as not finite
+            return np.asarray(value, dtype=dtype)
     except (TypeError, ValueError, OverflowError) as error:
         raise DataError(
             f"{_SHAPE_HINT}; ragged or non-numeric values are not allowed ({error})"
