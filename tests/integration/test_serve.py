@@ -340,7 +340,7 @@ def test_schemathesis_finds_no_server_error(server: str, tmp_path: Path) -> None
     """
     version = served_version(server) or "1"
     config = tmp_path / "schemathesis.toml"
-    config.write_text(f'[parameters]\n"path.version" = "{version}"\n')
+    config.write_text(f'[parameters]\n"path.version" = "{version}"\n"path.model_name" = "tire"\n')
     st = shutil.which("st", path=str(Path(sys.executable).parent)) or "st"
     env = {**os.environ, "SCHEMATHESIS_HOOKS": str(Path(__file__).with_name("hostile_bodies.py"))}
     done = subprocess.run(
@@ -497,9 +497,8 @@ def test_prometheus_scrapes_the_server(server: str, tmp_path: Path) -> None:
 
         wait_until(scraped, timeout=45, what="Prometheus to scrape the server")
         assert found[0]["metric"]["version"] == served_version(server)
-        query = (
-            'sum(tire_http_requests_total{job="tire-serve",endpoint="/v1/models/tire/metadata"})'
-        )
+        endpoint = "/v1/models/{model_name}/metadata"  # the route's template
+        query = f'sum(tire_http_requests_total{{job="tire-serve",endpoint="{endpoint}"}})'
         answer = httpx.get(f"{api}/api/v1/query", params={"query": query}).json()
         assert float(answer["data"]["result"][0]["value"][1]) >= 1
     finally:

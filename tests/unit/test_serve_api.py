@@ -533,12 +533,52 @@ def test_a_body_over_the_limit_is_refused_with_413(client: TestClient) -> None:
 
 
 def test_unknown_paths_and_methods_answer_in_the_same_shape(client: TestClient) -> None:
-    response = client.get("/v1/models/other")
+    response = client.get("/v1/no/such/path")
     assert response.status_code == 404
     assert "no such endpoint" in response.json()["error"]
-    response = client.get("/v1/models/tire:predict")
-    assert response.status_code in (404, 405)
-    assert set(response.json()) == {"error"}
+    # The model name is one path segment without ':', so the verb is never read as a name.
+    for path in ["/v1/models/tire:predict", "/v1/models/tire/versions/7:predict"]:
+        response = client.get(path)
+        assert response.status_code == 405, path
+        assert set(response.json()) == {"error"}
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "message"),
+    [
+        ("GET", "/v1/models/other", "Could not find any versions of model other"),
+        ("GET", "/v1/models/other/versions/7", "Could not find any versions of model other"),
+        ("GET", "/v1/models/other/metadata", "Servable not found for request: Latest(other)"),
+        ("POST", "/v1/models/other:predict", "Servable not found for request: Latest(other)"),
+        (
+            "POST",
+            "/v1/models/other/versions/7:predict",
+            "Servable not found for request: Specific(other, 7)",
+        ),
+        (
+            "POST",
+            "/v1/models/other/labels/production:predict",
+            "Servable not found for request: Label(other, production)",
+        ),
+        ("POST", "/v1/models/other:classify", "Servable not found for request: Latest(other)"),
+        ("POST", "/v1/models/other:feedback", "Could not find any versions of model other"),
+        ("GET", "/v2/models/other", "Request for unknown model: 'other' is not found"),
+        ("GET", "/v2/models/other/ready", "Request for unknown model: 'other' is not found"),
+        ("POST", "/v2/models/other/infer", "Request for unknown model: 'other' is not found"),
+        (
+            "POST",
+            "/v2/models/other/versions/7/infer",
+            "Request for unknown model: 'other' is not found",
+        ),
+    ],
+)
+def test_a_model_name_not_served_is_a_404_in_the_apis_own_words(
+    client: TestClient, method: str, path: str, message: str
+) -> None:
+    """TF Serving's words on /v1, Triton's on /v2; decided before the body is read."""
+    response = client.request(method, path, content=b"{not even JSON")
+    assert response.status_code == 404, response.text
+    assert response.json() == {"error": message}
 
 
 # --- health, metrics, OpenAPI --------------------------------------------------------------
@@ -556,12 +596,14 @@ def test_health_and_metrics(client: TestClient) -> None:
     client.post("/v1/models/tire:predict", json={"instances": [floats(), floats(seed=5)]})
     found = samples(client)
     endpoints = {s.labels["endpoint"] for s in found if s.name == "tire_http_requests_total"}
-    assert "/v1/models/tire/versions/{version}:predict" in endpoints  # the template, not 12345
+    # The route's template, not the path: neither 12345 nor a name sent by a client
+    assert "/v1/models/{model_name}/versions/{version}:predict" in endpoints
     assert not any("12345" in e for e in endpoints)
+    predict = "/v1/models/{model_name}:predict"
     requests = [
         s for s in found
         if s.name == "tire_http_requests_total"
-        and s.labels == {"endpoint": "/v1/models/tire:predict", "method": "POST", "status": "200"}
+        and s.labels == {"endpoint": predict, "method": "POST", "status": "200"}
     ]  # fmt: skip
     assert requests and requests[0].value >= 1
     names = {s.name for s in found}
@@ -580,13 +622,35 @@ def test_health_and_metrics(client: TestClient) -> None:
 
 
 def test_the_openapi_schema_documents_bodies_and_errors(client: TestClient) -> None:
+    """FastAPI's own schema, unpatched: the bodies the routes read themselves are declared on
+    them, every error has the {"error": ...} shape, and no 422 is promised (bad input is 400)."""
     schema = client.get("/openapi.json").json()
-    predict = schema["paths"]["/v1/models/tire:predict"]["post"]
-    assert predict["requestBody"]["content"]["application/json"]["schema"] == {
-        "$ref": "#/components/schemas/PredictRequest"
-    }
-    assert "PredictRequest" in schema["components"]["schemas"]
-    assert "400" in predict["responses"] and "422" not in predict["responses"]
+    paths = schema["paths"]
+    predict = paths["/v1/models/{model_name}:predict"]["post"]
+    body = predict["requestBody"]["content"]["application/json"]["schema"]
+    assert body["title"] == "PredictRequest"
+    assert {"instances", "inputs", "signature_name"} <= set(body["properties"])
+    name = [p for p in predict["parameters"] if p["name"] == "model_name"]
+    assert name and name[0]["in"] == "path" and name[0]["required"]
+    infer = paths["/v2/models/{model_name}/versions/{version}/infer"]["post"]
+    tensor = infer["requestBody"]["content"]["application/json"]["schema"]["properties"]
+    assert tensor["inputs"]["items"]["properties"]["datatype"]["enum"] == [
+        "FP32", "FP16", "FP64", "BYTES", "UINT8",
+    ]  # fmt: skip
+    assert "$ref" not in json.dumps(infer["requestBody"])  # nested models written in place
+    feedback = paths["/v1/models/{model_name}:feedback"]["post"]
+    assert feedback["requestBody"]["content"]["application/json"]["schema"]["title"] == (
+        "FeedbackRequest"
+    )
+    error = {"$ref": "#/components/schemas/ErrorBody"}
+    for path, operations in paths.items():
+        for method, operation in operations.items():
+            responses = operation["responses"]
+            assert "422" not in responses, (method, path)
+            for status, answer in responses.items():
+                if status[0] == "4":
+                    assert answer["content"]["application/json"]["schema"] == error
+    assert not {"HTTPValidationError", "ValidationError"} & set(schema["components"]["schemas"])
 
 
 # --- a server without a model ----------------------------------------------------------------

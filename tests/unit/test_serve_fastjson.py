@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 from tests.factories import png16
 from tests.unit.test_serve_api import BAD_REQUESTS, b64, classifier, floats, png
 from tirelib.pyfunc import TireClassifier
-from tirelib.serve import create_app, decoding, deps, load_serve_config
+from tirelib.serve import bodies, create_app, decoding, load_serve_config
 from tirelib.serve.decoding import DecodePool, PixelBudget, admit
 from tirelib.serve.fastjson import read_predict_images
 from tirelib.serve.inputs import Limits, from_columnar, from_instances, pixel_array, to_tensor
@@ -96,7 +96,7 @@ def test_the_fast_path_answers_what_the_general_reader_does(
     body = TAKEN.get(name, LEFT.get(name))
     assert body is not None
     fast = client.post(PREDICT, content=body)
-    monkeypatch.setattr(deps, "read_predict_images", lambda raw, limits: None)
+    monkeypatch.setattr(bodies, "read_predict_images", lambda raw, limits: None)
     general = client.post(PREDICT, content=body)
     assert fast.status_code == general.status_code, (fast.text, general.text)
     if fast.status_code == 200:

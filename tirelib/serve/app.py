@@ -22,7 +22,6 @@ from typing import Any
 import torch
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.utils import get_openapi
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -32,7 +31,7 @@ from tirelib.logs import install_redaction
 from tirelib.serve.batching import DynamicBatcher
 from tirelib.serve.config import ServeConfig, load_serve_config
 from tirelib.serve.decoding import DecodeGate, DecodePool, PixelLimits
-from tirelib.serve.deps import ServeState, json_response, register_convertors
+from tirelib.serve.deps import ServeState, json_response
 from tirelib.serve.feedback import FeedbackStore
 from tirelib.serve.inputs import Limits
 from tirelib.serve.limits import HeaderLimitMiddleware, clip, shorten
@@ -46,19 +45,12 @@ from tirelib.serve.model import (
 )
 from tirelib.serve.request_id import RequestIdMiddleware
 from tirelib.serve.routes import feedback, health, tfserving, v2
-from tirelib.serve.schemas import (
-    ClassifyRequest,
-    FeedbackRequest,
-    PredictRequest,
-    V2InferRequest,
-)
 from tirelib.serve.sink import start_sink
 from tirelib.settings import Settings, get_settings, secret_values
 from tirelib.urls import add_secrets, mask_credentials
 
 log = logging.getLogger(__name__)
 
-BODY_MODELS = (PredictRequest, ClassifyRequest, V2InferRequest, FeedbackRequest)
 DESCRIPTION = """\
 Tire-defect classifier behind TensorFlow Serving's REST API (`/v1`) and the Open Inference
 Protocol (`/v2`). Images are HWC floats in [0, 1] of any size, or `{"b64": ...}` encoded bytes;
@@ -158,27 +150,6 @@ async def _unexpected(request: Request, error: Exception) -> Response:
 # --------------------------------------------------------------------------- the factory
 
 
-def _openapi(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's schema plus the JSON bodies the routes read themselves; 422 is never sent."""
-    if app.openapi_schema:
-        return app.openapi_schema
-    schema = get_openapi(
-        title=app.title, version=app.version, description=app.description, routes=app.routes
-    )
-    components = schema.setdefault("components", {}).setdefault("schemas", {})
-    for model in BODY_MODELS:
-        body = model.model_json_schema(ref_template="#/components/schemas/{model}")
-        components.update(body.pop("$defs", {}))
-        components[model.__name__] = body
-    for name in ("HTTPValidationError", "ValidationError"):
-        components.pop(name, None)
-    for operations in schema.get("paths", {}).values():
-        for operation in operations.values():
-            operation.get("responses", {}).pop("422", None)
-    app.openapi_schema = schema
-    return schema
-
-
 def create_app(
     config: ServeConfig | None = None,
     settings: Settings | None = None,
@@ -188,7 +159,6 @@ def create_app(
     """The model server. ``source`` replaces the MLflow registry (tests, a model in memory)."""
     config = config or load_serve_config()
     metrics = ServeMetrics()
-    register_convertors()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -254,9 +224,9 @@ def create_app(
         lifespan=lifespan,
     )
     app.include_router(health.router)
-    app.include_router(tfserving.build_router(config.name))
-    app.include_router(v2.build_router(config.name))
-    app.include_router(feedback.build_router(config.name))
+    app.include_router(tfserving.router)
+    app.include_router(v2.router)
+    app.include_router(feedback.router)
     app.add_exception_handler(DataError, _data_error)
     app.add_exception_handler(ImageTooLargeError, _too_large)
     app.add_exception_handler(RequestValidationError, _validation_error)
@@ -270,7 +240,6 @@ def create_app(
     )
     app.add_middleware(RequestIdMiddleware)  # every answer carries X-Request-ID, 4xx included
     app.add_middleware(HttpMetricsMiddleware, metrics=metrics)  # outermost: counts the 413s too
-    app.openapi = functools.partial(_openapi, app)  # type: ignore[method-assign]
     return app
 
 

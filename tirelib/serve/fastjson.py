@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import msgspec
 import numpy as np
+import numpy.typing as npt
 
 from tirelib.errors import DataError
 from tirelib.serve.inputs import Limits, Located, decode_b64
@@ -124,12 +125,31 @@ def _one_image(raw: bytes, where: str) -> np.ndarray | bytes | None:
     return None
 
 
+def read_float_array(
+    raw: bytes, shape: tuple[int, ...], dtype: npt.DTypeLike = np.float32
+) -> np.ndarray | None:
+    """A JSON list of numbers, flat or nested as ``shape`` (an Open Inference Protocol
+    tensor's ``data``), as an array of ``shape``; None unless it is exactly that."""
+    if not shape or not raw.startswith(b"["):
+        return None
+    layout = raw.translate(None, _NOT_LAYOUT)
+    nesting = shape if layout.startswith(b"[[") else (math.prod(shape),)
+    if _shape(layout, len(nesting)) != nesting or layout != _layout(nesting):
+        return None
+    return _numbers(raw, shape, dtype)
+
+
 def _float_array(raw: bytes, layout: bytes, *, depth: int) -> np.ndarray | None:
     """``raw`` (a JSON list, ``layout`` its brackets and commas) as a float32 array of
     ``depth`` dimensions, the last of them 3; None unless it is exactly that."""
     shape = _shape(layout, depth)
     if shape is None or shape[-1] != _CHANNELS or layout != _layout(shape):
         return None
+    return _numbers(raw, shape, np.float32)
+
+
+def _numbers(raw: bytes, shape: tuple[int, ...], dtype: npt.DTypeLike) -> np.ndarray | None:
+    """The numbers of ``raw``, whose brackets are those of ``shape``, as an array of it."""
     try:
         values = _floats.decode(b"[" + raw.translate(None, b"[]") + b"]")
     except _UNREADABLE:  # a string, boolean, null or object; a number out of range
@@ -137,7 +157,7 @@ def _float_array(raw: bytes, layout: bytes, *, depth: int) -> np.ndarray | None:
     if len(values) != math.prod(shape):
         return None
     with np.errstate(over="ignore"):  # 1e300 becomes inf here, refused as such later
-        return np.asarray(values, dtype=np.float32).reshape(shape)
+        return np.asarray(values, dtype=dtype).reshape(shape)
 
 
 def _shape(layout: bytes, depth: int) -> tuple[int, ...] | None:

@@ -16,10 +16,10 @@ from typing import Annotated
 from fastapi import Depends, Header, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tirelib.serve.deps import json_response
 from tirelib.serve.limits import excerpt
 from tirelib.serve.schemas import REQUEST_ID_CHARS as MAX_CHARS
 from tirelib.serve.schemas import REQUEST_ID_PATTERN as PATTERN
+from tirelib.serve.schemas import json_response
 
 HEADER = "X-Request-ID"
 RULE = f"at most {MAX_CHARS} printable ASCII characters (space to '~')"

@@ -1,40 +1,38 @@
-"""TensorFlow Serving's REST API for one model (``/v1/models/<name>…``), plus a file upload.
+"""TensorFlow Serving's REST API (``/v1/models/{model_name}…``), plus a file upload.
 
 Status, metadata, predict (row and columnar forms) and classify answer in TF Serving's shapes, so
-its REST clients work unchanged; ``/versions/<v>`` and ``/labels/<alias>`` select a version as
-TF Serving does. ``:upload`` takes multipart image files, for a person with curl.
+its REST clients work unchanged; ``/versions/{version}`` and ``/labels/{label}`` select a version
+as TF Serving does, and a model name other than the served one is a 404 in TF Serving's words
+(:mod:`tirelib.serve.deps` resolves the path). ``:upload`` takes multipart image files, for a
+person with curl.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, HTTPException, Query, Request, Response, UploadFile
+from fastapi import APIRouter, File, HTTPException, Query, Response, UploadFile
 
+from tirelib.serve.bodies import SIGNATURE, Images, read_classify, read_predict
 from tirelib.serve.deps import (
     ERRORS,
-    SIGNATURE,
+    Inference,
+    InferenceDep,
+    LatestModel,
+    ModelLabel,
+    ModelVersion,
+    ServedName,
     ServeState,
     StateDep,
-    check_signature,
+    Version,
     json_response,
-    predict_images,
-    prepare_images,
-    read_body,
-    read_predict_body,
     request_body,
-    select_model,
 )
-from tirelib.serve.inputs import (
-    BYTES_INPUT,
-    FLOAT_INPUT,
-    Located,
-    check_count,
-    from_examples,
-)
-from tirelib.serve.limits import excerpt
+from tirelib.serve.inputs import BYTES_INPUT, FLOAT_INPUT, Located, check_count
+from tirelib.serve.limits import clip, excerpt
 from tirelib.serve.model import ServedModel, VersionState
-from tirelib.serve.request_id import RESPONSE_HEADERS, RequestIdDep
+from tirelib.serve.request_id import RESPONSE_HEADERS
 from tirelib.serve.schemas import (
     ClassifyRequest,
     ClassifyResponse,
@@ -102,166 +100,152 @@ def metadata(name: str, model: ServedModel) -> dict[str, Any]:
     }
 
 
-def build_router(name: str) -> APIRouter:
-    """The ``/v1`` routes for the model called ``name`` in URLs."""
-    base = f"/v1/models/{name}"
-    router = APIRouter(tags=["TensorFlow Serving REST API"], responses=ERRORS)
+router = APIRouter(prefix="/v1/models", tags=["TensorFlow Serving REST API"], responses=ERRORS)
+MODEL = "/{model_name:segment}"
+VERSION = f"{MODEL}/versions/{{version:segment}}"
+LABEL = f"{MODEL}/labels/{{label:segment}}"
+ANSWER: dict[int | str, dict[str, Any]] = {200: {"headers": RESPONSE_HEADERS}}
+PREDICT: dict[str, Any] = {
+    "summary": "Predict",
+    "response_model": PredictResponse,
+    "responses": ANSWER,
+    "openapi_extra": request_body(PredictRequest),
+}
+CLASSIFY: dict[str, Any] = {
+    "summary": "Classify",
+    "response_model": ClassifyResponse,
+    "responses": ANSWER,
+    "openapi_extra": request_body(ClassifyRequest),
+}
 
-    def status_of(state: ServeState, version: str | None) -> Response:
-        states = state.holder.status()
-        if version is not None:
-            states = [s for s in states if s.version == version]
-            if not states:
-                raise HTTPException(
-                    404, f"Servable not found for request: Specific({name}, {version})"
-                )
-        elif not states:
+
+# --------------------------------------------------------------------------- status, metadata
+
+
+def status_of(state: ServeState, name: str, version: str | None) -> Response:
+    states = state.holder.status()
+    if version is not None:
+        states = [s for s in states if s.version == version]
+        if not states:
             raise HTTPException(
-                404,
-                f"Could not find any versions of model {name}"
-                + (f": {state.holder.problem}" if state.holder.problem else ""),
+                404, f"Servable not found for request: Specific({name}, {clip(version)})"
             )
-        return json_response(_status(states))
+    elif not states:
+        raise HTTPException(
+            404,
+            f"Could not find any versions of model {name}"
+            + (f": {state.holder.problem}" if state.holder.problem else ""),
+        )
+    return json_response(_status(states))
 
-    @router.get(base, response_model=ModelStatusResponse, summary="Version status")
-    async def model_status(state: StateDep) -> Response:
-        return status_of(state, None)
 
-    @router.get(
-        f"{base}/versions/{{version:segment}}",
-        response_model=ModelStatusResponse,
-        summary="Version status",
+@router.get(MODEL, response_model=ModelStatusResponse, summary="Version status")
+async def model_status(state: StateDep, name: ServedName) -> Response:
+    return status_of(state, name, None)
+
+
+@router.get(VERSION, response_model=ModelStatusResponse, summary="Version status")
+async def version_status(state: StateDep, name: ServedName, version: Version) -> Response:
+    return status_of(state, name, version)
+
+
+@router.get(f"{MODEL}/metadata", response_model=MetadataResponse, summary="Signature, classes")
+async def model_metadata(model: LatestModel, name: ServedName) -> Response:
+    return json_response(metadata(name, model))
+
+
+@router.get(f"{VERSION}/metadata", response_model=MetadataResponse, summary="Signature, classes")
+async def version_metadata(model: ModelVersion, name: ServedName) -> Response:
+    return json_response(metadata(name, model))
+
+
+# --------------------------------------------------------------------------- predict, classify
+
+
+async def predict(model: ServedModel, inference: Inference, labels: bool) -> Response:
+    """Answer a predict body (row or columnar form) in TF Serving's shape."""
+    body, probabilities = await inference.run(
+        model, functools.partial(read_predict, limits=inference.limits)
     )
-    async def version_status(state: StateDep, version: str) -> Response:
-        return status_of(state, version)
+    answer: dict[str, Any] = {("predictions" if body.row else "outputs"): probabilities.tolist()}
+    if labels:
+        answer["classes"] = list(model.classes)
+        answer["labels"] = [model.classes[i] for i in probabilities.argmax(axis=1).tolist()]
+    return json_response(answer)
 
-    @router.get(f"{base}/metadata", response_model=MetadataResponse, summary="Signature, classes")
-    async def model_metadata(state: StateDep) -> Response:
-        return json_response(metadata(name, select_model(state)))
 
-    @router.get(
-        f"{base}/versions/{{version:segment}}/metadata",
-        response_model=MetadataResponse,
-        summary="Signature, classes",
+async def classify(model: ServedModel, inference: Inference) -> Response:
+    """Answer a classify body: (class, score) pairs per example."""
+    _, probabilities = await inference.run(
+        model, functools.partial(read_classify, limits=inference.limits)
     )
-    async def version_metadata(state: StateDep, version: str) -> Response:
-        return json_response(metadata(name, select_model(state, version=version)))
+    classes = model.classes
+    results = [
+        [[label, score] for label, score in zip(classes, row, strict=True)]
+        for row in probabilities.tolist()
+    ]
+    return json_response({"results": results})
 
-    async def predict(
-        request: Request, state: ServeState, model: ServedModel, labels: bool, request_id: str
-    ) -> Response:
-        with state.batcher.arriving():
-            body = await read_predict_body(request, state.limits)
-            prepared = await prepare_images(state, model, lambda: body.images)
-        probabilities = await predict_images(state, model, prepared, request_id)
-        key = "predictions" if body.row else "outputs"
-        answer: dict[str, Any] = {key: probabilities.tolist()}
-        if labels:
-            answer["classes"] = list(model.classes)
-            answer["labels"] = [model.classes[i] for i in probabilities.argmax(axis=1).tolist()]
-        return json_response(answer)
 
-    predict_doc: dict[str, Any] = {
-        "response_model": PredictResponse,
-        "responses": {200: {"headers": RESPONSE_HEADERS}},
-        "openapi_extra": request_body(PredictRequest),
-    }
+@router.post(f"{MODEL}:predict", **PREDICT)
+async def predict_latest(
+    model: LatestModel, inference: InferenceDep, labels: Labels = False
+) -> Response:
+    return await predict(model, inference, labels)
 
-    @router.post(f"{base}:predict", summary="Predict", **predict_doc)
-    async def predict_latest(
-        request: Request, state: StateDep, request_id: RequestIdDep, labels: Labels = False
-    ) -> Response:
-        return await predict(request, state, select_model(state), labels, request_id)
 
-    @router.post(f"{base}/versions/{{version:segment}}:predict", summary="Predict", **predict_doc)
-    async def predict_version(
-        request: Request,
-        state: StateDep,
-        request_id: RequestIdDep,
-        version: str,
-        labels: Labels = False,
-    ) -> Response:
-        model = select_model(state, version=version)
-        return await predict(request, state, model, labels, request_id)
+@router.post(f"{VERSION}:predict", **PREDICT)
+async def predict_version(
+    model: ModelVersion, inference: InferenceDep, labels: Labels = False
+) -> Response:
+    return await predict(model, inference, labels)
 
-    @router.post(f"{base}/labels/{{label:segment}}:predict", summary="Predict", **predict_doc)
-    async def predict_label(
-        request: Request,
-        state: StateDep,
-        request_id: RequestIdDep,
-        label: str,
-        labels: Labels = False,
-    ) -> Response:
-        model = select_model(state, label=label)
-        return await predict(request, state, model, labels, request_id)
 
-    async def classify(
-        request: Request, state: ServeState, model: ServedModel, request_id: str
-    ) -> Response:
-        with state.batcher.arriving():
-            body = await read_body(request, ClassifyRequest)
-            check_signature(body.signature_name)
-            prepared = await prepare_images(
-                state, model, from_examples, body.examples, body.context, state.limits
-            )
-        probabilities = await predict_images(state, model, prepared, request_id)
-        results = [
-            [[label, score] for label, score in zip(model.classes, row, strict=True)]
-            for row in probabilities.tolist()
-        ]
-        return json_response({"results": results})
+@router.post(f"{LABEL}:predict", **PREDICT)
+async def predict_label(
+    model: ModelLabel, inference: InferenceDep, labels: Labels = False
+) -> Response:
+    return await predict(model, inference, labels)
 
-    classify_doc: dict[str, Any] = {
-        "response_model": ClassifyResponse,
-        "responses": {200: {"headers": RESPONSE_HEADERS}},
-        "openapi_extra": request_body(ClassifyRequest),
-    }
 
-    @router.post(f"{base}:classify", summary="Classify", **classify_doc)
-    async def classify_latest(
-        request: Request, state: StateDep, request_id: RequestIdDep
-    ) -> Response:
-        return await classify(request, state, select_model(state), request_id)
+@router.post(f"{MODEL}:classify", **CLASSIFY)
+async def classify_latest(model: LatestModel, inference: InferenceDep) -> Response:
+    return await classify(model, inference)
 
-    @router.post(
-        f"{base}/versions/{{version:segment}}:classify", summary="Classify", **classify_doc
-    )
-    async def classify_version(
-        request: Request, state: StateDep, request_id: RequestIdDep, version: str
-    ) -> Response:
-        return await classify(request, state, select_model(state, version=version), request_id)
 
-    @router.post(
-        f"{base}:upload",
-        response_model=UploadResponse,
-        responses={200: {"headers": RESPONSE_HEADERS}},
-        summary="Classify image files",
-    )
-    async def upload(
-        state: StateDep,
-        request_id: RequestIdDep,
-        file: Annotated[
-            list[UploadFile], File(description="One or more image files (JPEG, PNG, …)")
-        ],
-    ) -> Response:
-        """``curl -F file=@tire.jpg http://127.0.0.1:8501/v1/models/tire:upload``"""
-        model = select_model(state)
-        check_count(len(file), state.limits, "file")
-        with state.batcher.arriving():
-            found: list[Located] = []
-            for i, item in enumerate(file):
-                label = item.filename or f"file[{i}]"
-                found.append((f"file {excerpt(label)}", await item.read()))
-            prepared = await prepare_images(state, model, lambda: found)
-        probabilities = await predict_images(state, model, prepared, request_id)
-        results = [
-            {
-                "filename": item.filename or "",
-                "label": model.classes[int(row.argmax())],
-                "probabilities": dict(zip(model.classes, row.tolist(), strict=True)),
-            }
-            for item, row in zip(file, probabilities, strict=True)
-        ]
-        return json_response({"model_version": model.version, "results": results})
+@router.post(f"{VERSION}:classify", **CLASSIFY)
+async def classify_version(model: ModelVersion, inference: InferenceDep) -> Response:
+    return await classify(model, inference)
 
-    return router
+
+# --------------------------------------------------------------------------- upload
+
+
+@router.post(
+    f"{MODEL}:upload",
+    response_model=UploadResponse,
+    responses=ANSWER,
+    summary="Classify image files",
+)
+async def upload(
+    model: LatestModel,
+    inference: InferenceDep,
+    file: Annotated[list[UploadFile], File(description="One or more image files (JPEG, PNG, …)")],
+) -> Response:
+    """``curl -F file=@tire.jpg http://127.0.0.1:8501/v1/models/tire:upload``"""
+    check_count(len(file), inference.limits, "file")
+    found: list[Located] = [
+        (f"file {excerpt(item.filename or f'file[{i}]')}", await item.read())
+        for i, item in enumerate(file)
+    ]
+    # FastAPI has read the multipart body into the files already.
+    _, probabilities = await inference.run(model, lambda _: Images(found), body=b"")
+    results = [
+        {
+            "filename": item.filename or "",
+            "label": model.classes[int(row.argmax())],
+            "probabilities": dict(zip(model.classes, row.tolist(), strict=True)),
+        }
+        for item, row in zip(file, probabilities, strict=True)
+    ]
+    return json_response({"model_version": model.version, "results": results})

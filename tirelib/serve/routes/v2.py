@@ -9,28 +9,29 @@ it (:mod:`tirelib.serve.binary`), as ``tritonclient`` sends and asks for them by
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Request, Response
-from starlette.concurrency import run_in_threadpool
+from fastapi import APIRouter, Header, HTTPException, Response
 
 import tirelib
-from tirelib.errors import DataError
 from tirelib.serve import binary
+from tirelib.serve.bodies import read_infer
 from tirelib.serve.deps import (
     ERRORS,
-    ServeState,
+    Inference,
+    InferenceDep,
+    LatestModel,
+    ModelVersion,
+    ServedName,
     StateDep,
+    inline_schema,
     json_response,
     not_ready,
-    predict_images,
-    prepare_images,
-    select_model,
 )
-from tirelib.serve.inputs import BYTES_INPUT, FLOAT_INPUT, Located
+from tirelib.serve.inputs import BYTES_INPUT, FLOAT_INPUT
 from tirelib.serve.limits import excerpt
 from tirelib.serve.model import ServedModel
-from tirelib.serve.request_id import RESPONSE_HEADERS, RequestIdDep
+from tirelib.serve.request_id import RESPONSE_HEADERS
 from tirelib.serve.schemas import (
     ErrorBody,
     V2InferRequest,
@@ -40,7 +41,6 @@ from tirelib.serve.schemas import (
     V2ModelReady,
     V2Ready,
     V2ServerMetadata,
-    parse_body,
 )
 
 _BINARY_SCHEMA = {"type": "string", "format": "binary"}
@@ -60,7 +60,7 @@ INFER_REQUEST: dict[str, Any] = {
         "description": "JSON, or JSON followed by binary tensor data (with the "
         f"{binary.HEADER} header).",
         "content": {
-            "application/json": {"schema": {"$ref": "#/components/schemas/V2InferRequest"}},
+            "application/json": {"schema": inline_schema(V2InferRequest)},
             binary.BINARY_MEDIA_TYPE: {"schema": _BINARY_SCHEMA},
         },
     },
@@ -77,35 +77,7 @@ INFER_ANSWER: dict[str, Any] = {
     "content": {binary.BINARY_MEDIA_TYPE: {"schema": _BINARY_SCHEMA}},
 }
 """The infer routes' answer beyond the JSON one: JSON followed by the binary outputs."""
-OUTPUTS = ("probabilities", "label")
 IDENTITY = ("", "identity")
-
-
-async def read_infer_body(request: Request) -> tuple[V2InferRequest, list[memoryview | None]]:
-    """The body's JSON part as a :class:`V2InferRequest`, and each input's binary data (None
-    for an input whose data is in the JSON), off the event loop."""
-    encoding = request.headers.get("content-encoding", "")
-    if encoding.strip().lower() not in IDENTITY:
-        raise HTTPException(
-            415, f"Content-Encoding {excerpt(encoding, 40)} is not supported; send the body as is"
-        )
-    raw = await request.body()
-    length = request.headers.get(binary.HEADER)
-
-    def parse() -> tuple[V2InferRequest, list[memoryview | None]]:
-        split = binary.split_body(raw, length)
-        try:
-            body = parse_body(split.json, V2InferRequest)
-        except DataError as error:
-            if length is None and f'"{binary.SIZE}"'.encode() in raw:
-                raise DataError(
-                    f"{error}; the body names binary tensor data ({binary.SIZE}) but has no "
-                    f"{binary.HEADER} header saying where its JSON part ends"
-                ) from error
-            raise
-        return body, binary.input_chunks(body.inputs, split.binary)
-
-    return await run_in_threadpool(parse)
 
 
 def model_metadata(name: str, model: ServedModel) -> dict[str, Any]:
@@ -124,97 +96,105 @@ def model_metadata(name: str, model: ServedModel) -> dict[str, Any]:
     }
 
 
-def build_router(name: str) -> APIRouter:
-    """The ``/v2`` routes for the model called ``name`` in URLs."""
-    base = f"/v2/models/{name}"
-    router = APIRouter(tags=["Open Inference Protocol (v2)"], responses=ERRORS)
+router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (v2)"], responses=ERRORS)
+MODEL = "/models/{model_name:segment}"
+VERSION = f"{MODEL}/versions/{{version:segment}}"
+INFER: dict[str, Any] = {
+    "summary": "Inference",
+    "response_model": V2InferResponse,
+    "responses": {
+        200: INFER_ANSWER,
+        415: {"model": ErrorBody, "description": "The body is compressed."},
+    },
+    "openapi_extra": INFER_REQUEST,
+}
+ContentEncoding = Annotated[str, Header(include_in_schema=False)]
+# Read as text and checked by tirelib.serve.binary, whose errors say what the length must be;
+# documented in INFER_REQUEST as the integer it is.
+HeaderLength = Annotated[str | None, Header(alias=binary.HEADER, include_in_schema=False)]
 
-    @router.get("/v2", response_model=V2ServerMetadata, summary="Server metadata")
-    async def server_metadata() -> Response:
-        return json_response({"name": "tirelib", "version": tirelib.__version__, "extensions": []})
 
-    @router.get("/v2/health/live", response_model=V2Live, summary="Liveness")
-    async def live() -> Response:
-        return json_response({"live": True})
+@router.get("", response_model=V2ServerMetadata, summary="Server metadata")
+async def server_metadata() -> Response:
+    return json_response({"name": "tirelib", "version": tirelib.__version__, "extensions": []})
 
-    @router.get("/v2/health/ready", response_model=V2Ready, summary="Readiness")
-    async def ready(state: StateDep) -> Response:
-        if state.holder.current is None:
-            raise not_ready(state)
-        return json_response({"ready": True})
 
-    @router.get(base, response_model=V2ModelMetadata, summary="Model metadata")
-    async def metadata(state: StateDep) -> Response:
-        return json_response(model_metadata(name, select_model(state)))
+@router.get("/health/live", response_model=V2Live, summary="Liveness")
+async def live() -> Response:
+    return json_response({"live": True})
 
-    @router.get(
-        f"{base}/versions/{{version:segment}}",
-        response_model=V2ModelMetadata,
-        summary="Model metadata",
+
+@router.get("/health/ready", response_model=V2Ready, summary="Readiness")
+async def ready(state: StateDep) -> Response:
+    if state.holder.current is None:
+        raise not_ready(state)
+    return json_response({"ready": True})
+
+
+@router.get(MODEL, response_model=V2ModelMetadata, summary="Model metadata")
+async def metadata(model: LatestModel, name: ServedName) -> Response:
+    return json_response(model_metadata(name, model))
+
+
+@router.get(VERSION, response_model=V2ModelMetadata, summary="Model metadata")
+async def version_metadata(model: ModelVersion, name: ServedName) -> Response:
+    return json_response(model_metadata(name, model))
+
+
+@router.get(f"{MODEL}/ready", response_model=V2ModelReady, summary="Model readiness")
+async def model_ready(model: LatestModel, name: ServedName) -> Response:
+    return json_response({"name": name, "ready": True})
+
+
+@router.get(f"{VERSION}/ready", response_model=V2ModelReady, summary="Model readiness")
+async def version_ready(model: ModelVersion, name: ServedName) -> Response:
+    return json_response({"name": name, "ready": True})
+
+
+async def infer(
+    model: ServedModel, inference: Inference, name: str, encoding: str, length: str | None
+) -> Response:
+    """Answer an infer body (JSON, or JSON then binary tensor data) with the outputs asked."""
+    if encoding.strip().lower() not in IDENTITY:
+        raise HTTPException(
+            415, f"Content-Encoding {excerpt(encoding, 40)} is not supported; send the body as is"
+        )
+    body, probabilities = await inference.run(
+        model, lambda raw: read_infer(raw, length, inference.limits)
     )
-    async def version_metadata(state: StateDep, version: str) -> Response:
-        return json_response(model_metadata(name, select_model(state, version=version)))
+    count = len(probabilities)
+    outputs = []
+    for output, as_binary in body.outputs:
+        if output == "probabilities":
+            shape = [count, len(model.classes)]
+            outputs.append(binary.output_tensor(output, "FP32", shape, probabilities, as_binary))
+        else:
+            labels = [model.classes[i] for i in probabilities.argmax(axis=1).tolist()]
+            outputs.append(binary.output_tensor(output, "BYTES", [count], labels, as_binary))
+    answer: dict[str, Any] = {"model_name": name, "model_version": model.version}
+    if body.request.id is not None:
+        answer["id"] = body.request.id
+    content, headers, media_type = binary.encode_answer(answer, outputs)
+    return Response(content, headers=headers, media_type=media_type)
 
-    @router.get(f"{base}/ready", response_model=V2ModelReady, summary="Model readiness")
-    async def model_ready(state: StateDep) -> Response:
-        return json_response({"name": name, "ready": select_model(state) is not None})
 
-    @router.get(
-        f"{base}/versions/{{version:segment}}/ready",
-        response_model=V2ModelReady,
-        summary="Model readiness",
-    )
-    async def version_ready(state: StateDep, version: str) -> Response:
-        select_model(state, version=version)
-        return json_response({"name": name, "ready": True})
+@router.post(f"{MODEL}/infer", **INFER)
+async def infer_latest(
+    model: LatestModel,
+    inference: InferenceDep,
+    name: ServedName,
+    content_encoding: ContentEncoding = "",
+    length: HeaderLength = None,
+) -> Response:
+    return await infer(model, inference, name, content_encoding, length)
 
-    async def run(
-        request: Request, state: ServeState, model: ServedModel, request_id: str
-    ) -> Response:
-        with state.batcher.arriving():
-            body, chunks = await read_infer_body(request)
-            wanted = binary.requested_outputs(body, OUTPUTS)
-            tensor, chunk = body.inputs[0], chunks[0]
 
-            def find() -> list[Located]:
-                return binary.input_images(tensor, chunk, state.limits)
-
-            prepared = await prepare_images(state, model, find)
-        probabilities = await predict_images(state, model, prepared, request_id)
-        count = len(probabilities)
-        outputs = []
-        for output, as_binary in wanted:
-            if output == "probabilities":
-                shape = [count, len(model.classes)]
-                outputs.append(
-                    binary.output_tensor(output, "FP32", shape, probabilities, as_binary)
-                )
-            else:
-                labels = [model.classes[i] for i in probabilities.argmax(axis=1).tolist()]
-                outputs.append(binary.output_tensor(output, "BYTES", [count], labels, as_binary))
-        answer: dict[str, Any] = {"model_name": name, "model_version": model.version}
-        if body.id is not None:
-            answer["id"] = body.id
-        content, headers, media_type = binary.encode_answer(answer, outputs)
-        return Response(content, headers=headers, media_type=media_type)
-
-    infer_doc: dict[str, Any] = {
-        "response_model": V2InferResponse,
-        "responses": {
-            200: INFER_ANSWER,
-            415: {"model": ErrorBody, "description": "The body is compressed."},
-        },
-        "openapi_extra": INFER_REQUEST,
-    }
-
-    @router.post(f"{base}/infer", summary="Inference", **infer_doc)
-    async def infer_latest(request: Request, state: StateDep, request_id: RequestIdDep) -> Response:
-        return await run(request, state, select_model(state), request_id)
-
-    @router.post(f"{base}/versions/{{version:segment}}/infer", summary="Inference", **infer_doc)
-    async def infer_version(
-        request: Request, state: StateDep, request_id: RequestIdDep, version: str
-    ) -> Response:
-        return await run(request, state, select_model(state, version=version), request_id)
-
-    return router
+@router.post(f"{VERSION}/infer", **INFER)
+async def infer_version(
+    model: ModelVersion,
+    inference: InferenceDep,
+    name: ServedName,
+    content_encoding: ContentEncoding = "",
+    length: HeaderLength = None,
+) -> Response:
+    return await infer(model, inference, name, content_encoding, length)
