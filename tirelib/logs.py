@@ -18,6 +18,9 @@ from typing import Any
 
 from tirelib.urls import mask_credentials
 
+# How the command line (and each worker of the model server) writes its log lines.
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
 # Clients that log every request or credential lookup at INFO.
 NOISY_LOGGERS = ("botocore", "boto3", "urllib3", "s3transfer", "httpx")
 

@@ -20,7 +20,7 @@ import typer
 from tirelib.cli import data, demo, monitor, predict, registry, serve, stack, train
 from tirelib.cli.exit_codes import ExitCode, exit_code
 from tirelib.errors import TirelibError
-from tirelib.logs import install_redaction, quiet_libraries
+from tirelib.logs import LOG_FORMAT, install_redaction, quiet_libraries
 from tirelib.settings import get_settings
 from tirelib.urls import mask_credentials
 
@@ -83,9 +83,7 @@ def _setup(
     """Configure logging once, at the entry point (never at import)."""
     install_redaction()  # no log line shows a credential, whichever handler writes it
     level = logging.DEBUG if verbose else getattr(logging, get_settings().log_level)
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr)
     logging.getLogger().setLevel(level)  # also where a handler was installed before
     quiet_libraries()  # third-party clients are chatty at INFO; keep their warnings only
 

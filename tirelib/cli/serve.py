@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -45,6 +45,7 @@ def serve(
     max_header_bytes: Annotated[int | None, typer.Option(help=_help("max_header_bytes"))] = None,
     max_headers: Annotated[int | None, typer.Option(help=_help("max_headers"))] = None,
     threads: Annotated[int | None, typer.Option(help=_help("num_threads"))] = None,
+    workers: Annotated[int | None, typer.Option(help=_help("workers"))] = None,
     device: Annotated[str | None, typer.Option(help=_help("device"))] = None,
     capture_rate: Annotated[float | None, typer.Option(help=_help("capture_rate"))] = None,
     access_log: Annotated[bool, typer.Option(help="Log every request.")] = False,
@@ -52,11 +53,11 @@ def serve(
     """Serve the production model; swap in a new version when the alias moves.
 
     Every option also reads TIRE_SERVE_<OPTION> (TIRE_SERVE_PORT, TIRE_SERVE_MODEL_URI, …).
+    With --workers N, N processes share the port, each with its own model.
     """
     import uvicorn
 
-    from tirelib.serve import create_app, load_serve_config
-    from tirelib.serve.protocol import server_options
+    from tirelib.serve import load_serve_config
 
     config = load_serve_config(
         model_uri=model_uri,
@@ -77,18 +78,33 @@ def serve(
         max_header_bytes=max_header_bytes,
         max_headers=max_headers,
         num_threads=threads,
+        workers=workers,
         device=device,
         capture_rate=capture_rate,
     )
-    app = create_app(config, get_settings())
-    typer.echo(f"serving on http://{config.host}:{config.port}/v1/models/{config.name}")
+    settings = get_settings()  # bad settings fail here, not in every worker
+    options: dict[str, Any] = {
+        "access_log": access_log,
+        "server_header": False,
+        "timeout_graceful_shutdown": 30,
+    }
+    where = f"http://{config.host}:{config.port}/v1/models/{config.name}"
+    if config.workers > 1:  # this process only watches them: it loads neither torch nor a model
+        from tirelib.serve.workers import serve_workers
+
+        typer.echo(f"serving on {where} with {config.workers} worker processes")
+        serve_workers(config, **options)
+        return
+    from tirelib.serve import create_app
+    from tirelib.serve.protocol import server_options
+
+    app = create_app(config, settings)
+    typer.echo(f"serving on {where}")
     uvicorn.run(
         app,
         host=config.host,
         port=config.port,
         log_config=None,  # keep the logging the CLI set up
-        access_log=access_log,
-        server_header=False,
-        timeout_graceful_shutdown=30,
+        **options,
         **server_options(config),  # h11 with a deadline and caps on request heads
     )

@@ -17,6 +17,7 @@ from tirelib.settings import Settings
 from tirelib.urls import mask_credentials
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+MAX_WORKERS = 64
 
 
 class ServeConfig(BaseSettings):
@@ -119,7 +120,19 @@ class ServeConfig(BaseSettings):
         ),
     )
     num_threads: int | None = Field(
-        default=None, ge=1, le=1024, description="Torch intra-op threads; default: every CPU."
+        default=None,
+        ge=1,
+        le=1024,
+        description="Torch intra-op threads of each worker; default: the CPUs shared among them.",
+    )
+    workers: int = Field(
+        default=1,
+        ge=1,
+        le=MAX_WORKERS,
+        description=(
+            "Server processes sharing the port, each with its own model and reload; "
+            "their metrics are summed."
+        ),
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
         default="auto", description="Where the network runs; auto picks CUDA when present."
@@ -176,7 +189,7 @@ class ServeConfig(BaseSettings):
         return self.model_uri or f"models:/{settings.model_name}@production"
 
     def resolved_threads(self) -> int:
-        return self.num_threads or os.cpu_count() or 1
+        return self.num_threads or max(1, (os.cpu_count() or 1) // self.workers)
 
 
 def load_serve_config(**overrides: object) -> ServeConfig:

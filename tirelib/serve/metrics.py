@@ -3,18 +3,30 @@
 Names follow Prometheus's conventions: base units (seconds), ``_total`` counters, histograms rather
 than summaries, and only low-cardinality labels: the route template (never the raw path), the
 method, the status code, the class, the reload result.
+
+With many workers (``tirelib serve --workers N``) every worker process writes its values to files
+in ``PROMETHEUS_MULTIPROC_DIR`` (prometheus_client's multiprocess mode) and ``/metrics``, whichever
+worker answers it, shows them merged: counters and histograms summed over the workers, the time of
+the last reload the latest of any, ``tire_model_info`` one series per version some live worker
+serves. The drift baseline is the answering worker's (every worker serves the same version once a
+reload is done).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -25,6 +37,100 @@ __all__ = ["CONTENT_TYPE_LATEST", "HttpMetricsMiddleware", "ServeMetrics"]
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 UNMATCHED = "<unmatched>"
+MODEL_INFO_LABELS = ("version", "model_type", "name")
+MULTIPROC_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+# A live gauge's file in the multiprocess directory: gauge_liveall_<pid>.db, gauge_livemax_…
+_LIVE_GAUGE_FILE = re.compile(r"^gauge_live[a-z]+_(\d+)\.db$")
+
+
+def multiprocess_dir() -> Path | None:
+    """Where this process shares its metrics with the other workers (None: it serves alone).
+
+    prometheus_client reads the same variable when it is imported, so a worker is given it in its
+    environment before it starts.
+    """
+    value = os.environ.get(MULTIPROC_DIR_VARIABLE)
+    return Path(value) if value else None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def forget_dead_workers(path: Path) -> list[int]:
+    """Drop the live gauges of workers that exited without saying so (killed, crashed).
+
+    Returns their pids. Each collection of the merged view calls it; a worker that stops normally
+    drops its own at exit (:func:`tirelib.serve.workers.create_worker_app`).
+    """
+    dead = set()
+    for entry in path.iterdir():
+        found = _LIVE_GAUGE_FILE.match(entry.name)
+        if found and not _pid_alive(int(found.group(1))):
+            dead.add(int(found.group(1)))
+    for pid in sorted(dead):
+        forget_worker(path, pid)
+    return sorted(dead)
+
+
+def forget_worker(path: Path, pid: int) -> None:
+    """Drop worker ``pid``'s live gauges (the version it serves) from the merged view."""
+    # Another worker answering /metrics at the same moment may have removed them first.
+    with contextlib.suppress(FileNotFoundError):
+        mark_process_dead(pid, str(path))
+
+
+class SharedInfo:
+    """An info metric many worker processes share: ``<name>_info`` at 1 for each set of labels
+    a live worker holds.
+
+    prometheus_client's :class:`Info` keeps its labels in the process; a gauge is written to the
+    shared files. Each worker sets the labels it left to 0 and the merged view drops them
+    (:class:`MergedCollector`), so a version no live worker serves disappears as it does from a
+    single process's :class:`Info`.
+    """
+
+    def __init__(
+        self, name: str, documentation: str, labelnames: Sequence[str], registry: CollectorRegistry
+    ) -> None:
+        self.labelnames = tuple(labelnames)
+        self._gauge = Gauge(
+            f"{name}_info", documentation, self.labelnames, registry=registry,
+            multiprocess_mode="livemax",
+        )  # fmt: skip
+        self._current: dict[str, str] = dict.fromkeys(self.labelnames, "")
+        self._gauge.labels(**self._current).set(1)  # no labels yet, as an Info before info()
+
+    def info(self, values: Mapping[str, str]) -> None:
+        unknown = set(values) - set(self.labelnames)
+        if unknown:
+            raise ValueError(f"unknown labels {sorted(unknown)}; allowed: {list(self.labelnames)}")
+        self._gauge.labels(**self._current).set(0)
+        self._current = {label: values.get(label, "") for label in self.labelnames}
+        self._gauge.labels(**self._current).set(1)
+
+
+class MergedCollector(Collector):
+    """Every worker's metrics merged from the multiprocess directory; info series at 0
+    (labels a worker no longer holds) left out."""
+
+    def __init__(self, path: Path, info_names: Sequence[str]) -> None:
+        self.path = path
+        self.info_names = frozenset(info_names)
+        self._merged = MultiProcessCollector(None, path=str(path))
+
+    def collect(self) -> Iterator[Metric]:
+        forget_dead_workers(self.path)
+        for metric in self._merged.collect():
+            if metric.name in self.info_names:
+                metric.samples = [sample for sample in metric.samples if sample.value]
+            yield metric
 
 
 class BaselineCollector(Collector):
@@ -63,6 +169,7 @@ class ServeMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        self.multiprocess_dir = multiprocess_dir()
         r = self.registry
         self.requests = Counter(
             "tire_http_requests",
@@ -141,7 +248,13 @@ class ServeMetrics:
             ["kind", "reason"],
             registry=r,
         )
-        self.model = Info("tire_model", "The model version being served.", registry=r)
+        self.model: Info | SharedInfo
+        if self.multiprocess_dir is None:
+            self.model = Info("tire_model", "The model version being served.", registry=r)
+        else:
+            self.model = SharedInfo(
+                "tire_model", "The model version being served.", MODEL_INFO_LABELS, registry=r
+            )
         self.reloads = Counter(
             "tire_model_reloads",
             "Attempts to load a model version, by result (success, failure).",
@@ -152,6 +265,7 @@ class ServeMetrics:
             "tire_model_last_reload_timestamp_seconds",
             "When the served model last changed (Unix time).",
             registry=r,
+            multiprocess_mode="max",  # the latest change of any worker
         )
         for result in ("success", "failure"):
             self.reloads.labels(result=result)
@@ -159,6 +273,12 @@ class ServeMetrics:
             self.capture_written.labels(kind=kind)
             for reason in ("queue_full", "write_failed"):
                 self.capture_dropped.labels(kind=kind, reason=reason)
+        # What /metrics shows: this registry, or with many workers all of theirs merged.
+        self.exposed = self.registry
+        if self.multiprocess_dir is not None:
+            self.exposed = CollectorRegistry()
+            self.exposed.register(MergedCollector(self.multiprocess_dir, ["tire_model_info"]))
+            self.exposed.register(self.baseline)
 
     def observe_batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)
@@ -219,7 +339,7 @@ class ServeMetrics:
         self.reloads.labels(result="failure").inc()
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self.exposed)
 
 
 class HttpMetricsMiddleware:
