@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import logging
 import os
@@ -18,13 +19,14 @@ import re
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, date, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+import msgspec
 from PIL import Image, UnidentifiedImageError
 
 from tirelib.config import (
@@ -47,6 +49,7 @@ from tirelib.storage import (
     ContentCache,
     ObjectInfo,
     ObjectStore,
+    bounded_map,
     failed_key,
     manifest_key,
     parse_capture_name,
@@ -103,7 +106,7 @@ def check_image(data: bytes) -> str | None:
     return None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Record:
     """One image of a version: its key in the bucket, label, content hash and size."""
 
@@ -113,12 +116,92 @@ class Record:
     size: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Skipped:
     """A source file left out of a version, and why."""
 
     path: str
     reason: str
+
+
+# Manifests are encoded and decoded by msgspec in one pass between bytes and Records: no list
+# of dicts beside the Records, and the bytes are made once, already indented.
+_JSON_ENCODER = msgspec.json.Encoder(order="sorted")
+
+
+def _encode_json(document: dict[str, Any]) -> bytes:
+    """``document`` as indented JSON with sorted keys (dataclasses encoded as objects)."""
+    return msgspec.json.format(_JSON_ENCODER.encode(document), indent=1)
+
+
+class _ManifestDocument(msgspec.Struct):
+    version: str
+    created_at: str
+    objects: list[Record]
+    skipped: list[Skipped] = []
+    source: str = ""
+
+
+class _ManifestSummary(msgspec.Struct):
+    """What a listing needs of a manifest: its ``objects`` are skipped, never built."""
+
+    created_at: str
+    labels: dict[str, int]
+    skipped: list[msgspec.Raw] = []
+
+
+class _SplitDocument(msgspec.Struct):
+    version: str
+    split: str
+    classes: list[str]
+    objects: list[Record]
+    ratios: tuple[float, float, float] = DEFAULT_RATIOS
+
+
+_MANIFEST_DECODER = msgspec.json.Decoder(_ManifestDocument)
+_SUMMARY_DECODER = msgspec.json.Decoder(_ManifestSummary)
+_SPLIT_DECODER = msgspec.json.Decoder(_SplitDocument)
+# A manifest's summary rides along as user metadata (x-amz-meta-tire-summary), so a listing
+# reads it with one HEAD; S3 allows 2 KB of metadata, a summary past this is left out.
+SUMMARY_METADATA = "tire-summary"
+MAX_SUMMARY_BYTES = 1536
+
+
+@dataclass(frozen=True)
+class ManifestSummary:
+    """A manifest's creation time, images per label and number of skipped files."""
+
+    created_at: str
+    counts: dict[str, int]
+    skipped: int
+
+    def to_metadata(self) -> dict[str, str]:
+        text = json.dumps(
+            {"created_at": self.created_at, "labels": self.counts, "skipped": self.skipped},
+            separators=(",", ":"),
+            sort_keys=True,
+        )
+        return {SUMMARY_METADATA: text} if len(text) <= MAX_SUMMARY_BYTES else {}
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, str]) -> ManifestSummary | None:
+        """The summary the manifest's metadata carries; None when absent or unreadable."""
+        text = metadata.get(SUMMARY_METADATA)
+        if not text:
+            return None
+        try:
+            value = json.loads(text)
+            return cls(str(value["created_at"]), dict(value["labels"]), int(value["skipped"]))
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str = "manifest") -> ManifestSummary:
+        try:
+            value = _SUMMARY_DECODER.decode(data)
+        except msgspec.DecodeError as error:  # ValidationError is one
+            raise DataError(f"malformed {where}: {error}") from error
+        return cls(value.created_at, dict(sorted(value.labels.items())), len(value.skipped))
 
 
 @dataclass
@@ -138,16 +221,30 @@ class Manifest:
     def content(self) -> set[tuple[str, str]]:
         return {(r.key, r.sha256) for r in self.records}
 
-    def to_json(self) -> dict[str, Any]:
+    def summary(self) -> ManifestSummary:
+        return ManifestSummary(self.created_at, self.counts, len(self.skipped))
+
+    def _document(self) -> dict[str, Any]:
         return {
             "format": MANIFEST_FORMAT,
             "version": self.version,
             "created_at": self.created_at,
             "source": self.source,
             "labels": self.counts,
+            "objects": self.records,
+            "skipped": self.skipped,
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **self._document(),
             "objects": [asdict(r) for r in self.records],
             "skipped": [asdict(s) for s in self.skipped],
         }
+
+    def to_bytes(self) -> bytes:
+        """The manifest file: the same document as :meth:`to_json`, encoded in one pass."""
+        return _encode_json(self._document())
 
     @classmethod
     def from_json(cls, value: dict[str, Any]) -> Manifest:
@@ -161,6 +258,15 @@ class Manifest:
             )
         except (KeyError, TypeError) as error:
             raise DataError(f"malformed manifest: missing or unexpected field {error}") from error
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str = "manifest") -> Manifest:
+        """Decode a manifest file straight into :class:`Record` objects (no dicts between)."""
+        try:
+            value = _MANIFEST_DECODER.decode(data)
+        except msgspec.DecodeError as error:  # ValidationError is one
+            raise DataError(f"malformed {where}: {error}") from error
+        return cls(value.version, value.created_at, value.objects, value.skipped, value.source)
 
 
 # --- reading a source folder or annotation file ---------------------------------------------
@@ -350,13 +456,21 @@ def scan_source(src: Path, *, max_workers: int = 4) -> tuple[list[LocalImage], l
         kind = "annotation"
     else:
         raise DataError(f"{src} is neither a folder of class folders nor an annotation .json file")
-    images: list[LocalImage] = []
-    with ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="scan") as pool:
-        for result in pool.map(lambda c: LocalImage.read(c.path, c.label, c.name), candidates):
-            if isinstance(result, Skipped):
-                skipped.append(result)
-            else:
-                images.append(result)
+    found: list[tuple[int, LocalImage]] = []
+
+    def read(item: tuple[int, Candidate]) -> tuple[int, LocalImage | Skipped]:
+        index, candidate = item
+        return index, LocalImage.read(candidate.path, candidate.label, candidate.name)
+
+    for index, result in bounded_map(
+        read, enumerate(candidates), max_workers=max_workers, name="scan"
+    ):
+        if isinstance(result, Skipped):
+            skipped.append(result)
+        else:
+            found.append((index, result))
+    found.sort(key=lambda pair: pair[0])  # the sources' order: names stay the same every run
+    images = [image for _, image in found]
     for item in skipped:
         log.warning("skipped %s: %s", item.path, item.reason)
     return _unique_names(images), skipped, kind
@@ -410,8 +524,8 @@ def upload_version(
     ]
     manifest = Manifest(version, _now(), records, skipped, kind)
 
-    if store.exists(manifest_key(version)):
-        existing = Manifest.from_json(store.get_json(manifest_key(version)))
+    existing = _manifest_if_exists(store, version)
+    if existing is not None:
         if existing.content() == manifest.content():
             log.info("version %s is already uploaded with the same content", version)
             return UploadReport(version, 0, len(records), manifest.counts, skipped, True)
@@ -452,7 +566,10 @@ def upload_version(
         upload_marker_key(version), {"version": version, "started_at": _now(), "files": len(todo)}
     )
 
-    def send(record: Record, image: LocalImage) -> None:
+    sent = itertools.count()  # next() is atomic: the threads count what reached the store
+
+    def send(item: tuple[Record, LocalImage]) -> None:
+        record, image = item
         content_type = _CONTENT_TYPES.get(image.path.suffix.lower(), "application/octet-stream")
         try:
             data = image.path.read_bytes()
@@ -464,26 +581,24 @@ def upload_version(
         if hashlib.sha256(data).hexdigest() != record.sha256:
             raise DataError(f"{image.path} changed while it was being uploaded; upload again")
         store.put_bytes(record.key, data, content_type)
+        next(sent)
 
-    with (
-        ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="upload") as pool,
-        progress_bar(
-            total=len(todo), desc=f"upload {version}", unit="img", enabled=progress
-        ) as bar,
-    ):
-        futures = [pool.submit(send, r, i) for r, i in todo]
+    with progress_bar(
+        total=len(todo), desc=f"upload {version}", unit="img", enabled=progress
+    ) as bar:
+        # A bounded number of files in flight: memory does not grow with the version.
+        results = bounded_map(send, todo, max_workers=max_workers, name="upload")
         try:
-            for future in as_completed(futures):
-                future.result()
+            for _ in results:
                 bar.update()
         except BaseException as error:
-            # Stop now: files not started are cancelled, the few under way finish. Without
-            # this, leaving the pool would wait for every remaining file to be sent.
-            pool.shutdown(wait=True, cancel_futures=True)
-            sent = sum(f.done() and not f.cancelled() and f.exception() is None for f in futures)
+            # Stop now: files not started never are, the few under way finish. Without
+            # this, leaving would wait for every remaining file to be sent.
+            results.close()
+            done = next(sent)  # counted from 0: the number of files stored
             already = len(records) - len(todo)
             before = f" ({already} were there before)" if already else ""
-            stopped = f"sent {sent} of {len(todo)} files of version {version}{before}"
+            stopped = f"sent {done} of {len(todo)} files of version {version}{before}"
             if isinstance(error, KeyboardInterrupt):
                 raise UploadInterrupted(
                     f"{stopped}; no manifest was written, so the version is not complete. "
@@ -491,7 +606,7 @@ def upload_version(
                 ) from None
             log.warning("upload stopped: %s", stopped)
             raise
-    store.put_json(manifest_key(version), manifest.to_json())
+    write_manifest(store, manifest)
     store.delete([upload_marker_key(version)])
     log.info(
         "uploaded version %s: %d sent, %d already there",
@@ -568,14 +683,48 @@ class VersionInfo:
         return (self.created_at or self.last_change or "9999", self.version)
 
 
+def write_manifest(store: ObjectStore, manifest: Manifest) -> None:
+    """Write ``raw/<version>/_manifest.json``, its summary in the object's metadata."""
+    store.put_bytes(
+        manifest_key(manifest.version),
+        manifest.to_bytes(),
+        "application/json",
+        metadata=manifest.summary().to_metadata(),
+    )
+
+
+def _manifest_if_exists(store: ObjectStore, version: str) -> Manifest | None:
+    key = manifest_key(version)
+    data = store.get_bytes_if_exists(key)  # one GET; a missing manifest is its 404
+    return None if data is None else Manifest.from_bytes(data, f"s3://{store.bucket}/{key}")
+
+
 def read_manifest(store: ObjectStore, version: str) -> Manifest:
     validate_name(version)
-    if not store.exists(manifest_key(version)):
+    manifest = _manifest_if_exists(store, version)
+    if manifest is None:
         raise DataError(
             f"dataset version {version!r} not found (no {manifest_key(version)} in "
             f"s3://{store.bucket}); `tirelib data list` shows the versions there are"
         )
-    return Manifest.from_json(store.get_json(manifest_key(version)))
+    return manifest
+
+
+def read_summary(store: ObjectStore, version: str) -> ManifestSummary | None:
+    """The counts of a complete version, None when it has no manifest.
+
+    One HEAD request when the manifest carries its summary as metadata (tirelib writes it);
+    otherwise the manifest is read, its objects skipped over without being built.
+    """
+    key = manifest_key(version)
+    metadata = store.head(key)
+    if metadata is None:
+        return None
+    summary = ManifestSummary.from_metadata(metadata)
+    if summary is not None:
+        return summary
+    data = store.get_bytes_if_exists(key)
+    return None if data is None else ManifestSummary.from_bytes(data, f"s3://{store.bucket}/{key}")
 
 
 def _marked(store: ObjectStore, prefix: str) -> set[str]:
@@ -602,8 +751,20 @@ def _iso(moment: datetime | None) -> str | None:
 
 def last_change(store: ObjectStore, version: str) -> datetime | None:
     """When the newest object under ``raw/<version>/`` was written (S3's LastModified)."""
-    times = [o.last_modified for o in store.iter_objects(raw_prefix(version)) if o.last_modified]
-    return max(times, default=None)
+    return _scan_upload(store, version)[0]
+
+
+def _scan_upload(store: ObjectStore, version: str) -> tuple[datetime | None, bool]:
+    """The newest LastModified under ``raw/<version>/`` and whether the upload marker is
+    there, from one paginated listing (no request per object)."""
+    newest: datetime | None = None
+    marker = upload_marker_key(version)
+    open_upload = False
+    for obj in store.iter_objects(raw_prefix(version)):
+        open_upload = open_upload or obj.key == marker
+        if obj.last_modified and (newest is None or obj.last_modified > newest):
+            newest = obj.last_modified
+    return newest, open_upload
 
 
 def list_versions(
@@ -635,20 +796,20 @@ def list_versions(
         if not detail and (done or gave_up or taken):
             state = decide_state(complete=True, processed=done, failed=gave_up, processing=taken)
             return VersionInfo(name, True, done, state=state)
-        if store.exists(manifest_key(name)):
-            manifest = Manifest.from_json(store.get_json(manifest_key(name)))
+        summary = read_summary(store, name)
+        if summary is not None:
             state = decide_state(complete=True, processed=done, failed=gave_up, processing=taken)
             return VersionInfo(
                 name,
                 True,
                 done,
-                manifest.created_at,
-                manifest.counts,
-                len(manifest.skipped),
+                summary.created_at,
+                summary.counts,
+                summary.skipped,
                 state,
                 failure=failure,
             )
-        changed = last_change(store, name)
+        changed, upload_open = _scan_upload(store, name)
         state = decide_state(
             complete=False,
             processed=done,
@@ -657,7 +818,7 @@ def list_versions(
             last_change=changed,
             now=now,
             settle_seconds=settle_seconds,
-            upload_open=store.exists(upload_marker_key(name)),
+            upload_open=upload_open,
         )
         return VersionInfo(
             name, False, done, state=state, last_change=_iso(changed), failure=failure
@@ -817,12 +978,11 @@ def ingest_version(
         return Record(obj.key, relative.split("/", 1)[0], sha, len(data))
 
     records: list[Record] = []
-    with ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="ingest") as pool:
-        for result in pool.map(check, candidates):
-            if isinstance(result, Skipped):
-                skipped.append(result)
-            else:
-                records.append(result)
+    for result in bounded_map(check, candidates, max_workers=max_workers, name="ingest"):
+        if isinstance(result, Skipped):
+            skipped.append(result)
+        else:
+            records.append(result)
     skipped.sort(key=lambda s: s.path)
     for item in skipped:
         log.warning("version %s: skipped %s: %s", version, item.path, item.reason)
@@ -837,8 +997,8 @@ def ingest_version(
     records.sort(key=lambda r: r.key)
     manifest = Manifest(version, _iso(newest) or _now(), records, skipped, source)
 
-    if store.exists(manifest_key(version)):
-        existing = Manifest.from_json(store.get_json(manifest_key(version)))
+    existing = _manifest_if_exists(store, version)
+    if existing is not None:
         if existing.content() == manifest.content():
             log.info("version %s is ingested already with the same images", version)
             return IngestReport(version, manifest.counts, skipped, written=False)
@@ -851,7 +1011,7 @@ def ingest_version(
         )
         store.delete([manifest_key(version), processed_key(version)])
         store.delete(split_key(version, s) for s in SPLITS)
-    store.put_json(manifest_key(version), manifest.to_json())
+    write_manifest(store, manifest)
     store.delete([upload_marker_key(version)])  # an interrupted upload, taken as it is
     log.info(
         "ingested version %s: %s, %d skipped",
@@ -1055,14 +1215,12 @@ def version_from_feedback(
         content_type = _CONTENT_TYPES.get(suffix, "application/octet-stream")
         store.put_bytes(key, store.get_bytes(capture), content_type)
 
-    with (
-        ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="feedback") as pool,
-        progress_bar(
-            total=len(todo), desc=f"captures -> {version}", unit="img", enabled=progress
-        ) as bar,
-    ):
-        for future in as_completed([pool.submit(copy, key, capture) for key, capture in todo]):
-            future.result()
+    with progress_bar(
+        total=len(todo), desc=f"captures -> {version}", unit="img", enabled=progress
+    ) as bar:
+        for _ in bounded_map(
+            lambda pair: copy(*pair), todo, max_workers=max_workers, name="feedback"
+        ):
             bar.update()
     report = ingest_version(store, version, max_workers=max_workers, source=FEEDBACK_SOURCE)
     log.info(
@@ -1139,7 +1297,7 @@ class SplitManifest:
     def counts(self) -> dict[str, int]:
         return dict(sorted(Counter(r.label for r in self.records).items()))
 
-    def to_json(self) -> dict[str, Any]:
+    def _document(self) -> dict[str, Any]:
         return {
             "format": MANIFEST_FORMAT,
             "version": self.version,
@@ -1147,8 +1305,23 @@ class SplitManifest:
             "classes": self.classes,
             "ratios": list(self.ratios),
             "labels": self.counts,
-            "objects": [asdict(r) for r in self.records],
+            "objects": self.records,
         }
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self._document(), "objects": [asdict(r) for r in self.records]}
+
+    def to_bytes(self) -> bytes:
+        """The split file: the document of :meth:`to_json`, encoded in one pass."""
+        return _encode_json(self._document())
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str = "split manifest") -> SplitManifest:
+        try:
+            value = _SPLIT_DECODER.decode(data)
+        except msgspec.DecodeError as error:  # ValidationError is one
+            raise DataError(f"malformed {where}: {error}") from error
+        return cls(value.version, value.split, value.classes, value.objects, value.ratios)
 
     @classmethod
     def from_json(cls, value: dict[str, Any]) -> SplitManifest:
@@ -1179,20 +1352,22 @@ def make_splits(
             f"version {manifest.version!r} has {len(classes)} label(s) {classes}: "
             "a classifier needs at least two (good/ and defective/)"
         )
-    labels_by_hash: dict[str, set[str]] = {}
-    for record in manifest.records:
-        labels_by_hash.setdefault(record.sha256, set()).add(record.label)
-    conflicts = {sha: labels for sha, labels in labels_by_hash.items() if len(labels) > 1}
+    # One pass in key order: the first record of each image stands for it (duplicates would
+    # only weigh it more), and an image under a second label is a conflict.
+    unique: dict[str, Record] = {}
+    conflicts: set[str] = set()
+    for record in sorted(manifest.records, key=lambda r: r.key):
+        first = unique.setdefault(record.sha256, record)
+        if first.label != record.label:
+            conflicts.add(record.sha256)
     if conflicts:
         examples = [f"{r.key} ({r.label})" for r in manifest.records if r.sha256 in conflicts][:6]
         raise DataError(
             f"{len(conflicts)} image(s) appear under more than one label in version "
             f"{manifest.version!r}: {', '.join(examples)}; fix the labels and upload again"
         )
-    # One copy of each image: duplicates would only weigh it more.
-    unique = {r.sha256: r for r in sorted(manifest.records, key=lambda r: r.key)}
     parts: dict[str, list[Record]] = {s: [] for s in SPLITS}
-    for record in sorted(unique.values(), key=lambda r: r.key):
+    for record in unique.values():  # in key order, as inserted
         parts[assign_split(record.sha256, ratios)].append(record)
     problems = []
     for split, records in parts.items():
@@ -1219,30 +1394,40 @@ def split_version(
     """Write ``splits/<version>/{train,val,test}.json`` and return them."""
     splits = make_splits(read_manifest(store, version), ratios, min_per_label=min_per_label)
     for split, manifest in splits.items():
-        store.put_json(split_key(version, split), manifest.to_json())
+        store.put_bytes(split_key(version, split), manifest.to_bytes(), "application/json")
     log.info("split %s: %s", version, ", ".join(f"{s}={len(m.records)}" for s, m in splits.items()))
     return splits
+
+
+def _split_if_exists(store: ObjectStore, version: str, split: str) -> SplitManifest | None:
+    key = split_key(version, split)
+    data = store.get_bytes_if_exists(key)  # one GET; a missing split is its 404
+    return None if data is None else SplitManifest.from_bytes(data, f"s3://{store.bucket}/{key}")
 
 
 def read_split(store: ObjectStore, version: str, split: str) -> SplitManifest:
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
-    key = split_key(version, split)
-    if not store.exists(key):
+    manifest = _split_if_exists(store, version, split)
+    if manifest is None:
         raise DataError(
             f"version {version!r} has no {split} split yet; "
             f"run `tirelib data split --version {version}`"
         )
-    return SplitManifest.from_json(store.get_json(key))
+    return manifest
 
 
 def ensure_splits(
     store: ObjectStore, version: str, ratios: Sequence[float] = DEFAULT_RATIOS
 ) -> dict[str, SplitManifest]:
     """The version's splits, making them first when they do not exist yet."""
-    if all(store.exists(split_key(version, s)) for s in SPLITS):
-        return {s: read_split(store, version, s) for s in SPLITS}
-    return split_version(store, version, ratios)
+    found: dict[str, SplitManifest] = {}
+    for split in SPLITS:
+        manifest = _split_if_exists(store, version, split)
+        if manifest is None:
+            return split_version(store, version, ratios)
+        found[split] = manifest
+    return found
 
 
 # --- reading for training ------------------------------------------------------------------

@@ -14,12 +14,12 @@ import hashlib
 import json
 import logging
 import threading
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from collections.abc import Callable, Generator, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import unquote
 
 import boto3
@@ -49,6 +49,9 @@ if TYPE_CHECKING:
     from tirelib.settings import Settings
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 RAW_PREFIX = "raw/"
 SPLITS_PREFIX = "splits/"
@@ -237,32 +240,55 @@ class ObjectStore:
             raise self._fail("list", prefix, error) from error
 
     def exists(self, key: str) -> bool:
+        return self.head(key) is not None
+
+    def head(self, key: str) -> dict[str, str] | None:
+        """The user metadata of ``key`` (``x-amz-meta-*``, names lowercase), None when absent."""
         try:
-            self.client.head_object(Bucket=self.bucket, Key=key)
+            response = self.client.head_object(Bucket=self.bucket, Key=key)
         except ClientError as error:
-            if error.response.get("Error", {}).get("Code") in {"404", "NoSuchKey", "NotFound"}:
-                return False
+            if _missing(error):
+                return None
             raise self._fail("read", key, error) from error
         except BotoCoreError as error:
             raise self._fail("read", key, error) from error
-        return True
+        return dict(response.get("Metadata", {}))
 
     def get_bytes(self, key: str) -> bytes:
+        data = self.get_bytes_if_exists(key)
+        if data is None:
+            raise DataError(f"s3://{self.bucket}/{key} does not exist")
+        return data
+
+    def get_bytes_if_exists(self, key: str) -> bytes | None:
+        """The bytes of ``key``, or None when there is no such object: one request, no HEAD."""
         try:
             body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
             return body.read()
         except ClientError as error:
-            if error.response.get("Error", {}).get("Code") in {"404", "NoSuchKey", "NotFound"}:
-                raise DataError(f"s3://{self.bucket}/{key} does not exist") from error
+            if _missing(error):
+                return None
             raise self._fail("read", key, error) from error
         except BotoCoreError as error:
             raise self._fail("read", key, error) from error
 
     def put_bytes(
-        self, key: str, data: bytes, content_type: str = "application/octet-stream"
+        self,
+        key: str,
+        data: bytes,
+        content_type: str = "application/octet-stream",
+        *,
+        metadata: dict[str, str] | None = None,
     ) -> None:
+        """Write ``key``; ``metadata`` becomes its ``x-amz-meta-*`` headers (HEAD returns them)."""
         try:
-            self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
+            self.client.put_object(
+                Bucket=self.bucket,
+                Key=key,
+                Body=data,
+                ContentType=content_type,
+                Metadata=metadata or {},
+            )
         except (ClientError, BotoCoreError) as error:
             raise self._fail("write", key, error) from error
 
@@ -298,6 +324,45 @@ class ObjectStore:
         except (ClientError, BotoCoreError) as error:
             raise self._fail("delete", keys[0], error) from error
         return len(keys)
+
+
+def _missing(error: ClientError) -> bool:
+    return error.response.get("Error", {}).get("Code") in {"404", "NoSuchKey", "NotFound"}
+
+
+def bounded_map(
+    fn: Callable[[T], R],
+    items: Iterable[T],
+    *,
+    max_workers: int,
+    name: str = "worker",
+    window: int | None = None,
+) -> Generator[R, None, None]:
+    """``fn`` over ``items`` in ``max_workers`` threads, each result as soon as it is done.
+
+    At most ``window`` items (default four per thread) are submitted and not yet taken, so
+    memory stays the same for 1,000 items or 1,000,000: ``items`` is read as the work goes,
+    never turned into a list of futures. When ``fn`` raises, the error comes out here; the
+    items not started never run and those under way finish before it does. A consumer that
+    stops early calls ``close()`` on the iterator to the same effect.
+    """
+    window = window or 4 * max_workers
+    with ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=name) as pool:
+        pending: set[Future[R]] = set()
+        try:
+            for item in items:
+                pending.add(pool.submit(fn, item))
+                if len(pending) >= window:
+                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        yield future.result()
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    yield future.result()
+        finally:
+            for future in pending:
+                future.cancel()
 
 
 def sha256_hex(data: bytes) -> str:
@@ -372,7 +437,8 @@ class ContentCache:
         if not missing:
             return FetchReport(downloaded=0, cached=cached, bytes_downloaded=0)
 
-        def download(sha: str, key: str) -> int:
+        def download(item: tuple[str, str]) -> int:
+            sha, key = item
             data = store.get_bytes(key)
             self.put(sha, data, source=f"s3://{store.bucket}/{key}")
             if on_download is not None:
@@ -380,13 +446,11 @@ class ContentCache:
             return len(data)
 
         total = 0
-        with (
-            ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="fetch") as pool,
-            progress_bar(total=len(missing), desc="download", unit="img", enabled=progress) as bar,
-        ):
-            futures = [pool.submit(download, sha, key) for sha, key in missing.items()]
-            for future in as_completed(futures):
-                total += future.result()
+        with progress_bar(total=len(missing), desc="download", unit="img", enabled=progress) as bar:
+            for size in bounded_map(
+                download, missing.items(), max_workers=max_workers, name="fetch"
+            ):
+                total += size
                 bar.update()
         log.info(
             "cache: downloaded %d objects (%d bytes), %d already cached",

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -12,6 +16,9 @@ from tests.factories import add_broken_files, write_image_folder
 from tirelib.cli import app
 from tirelib.data import (
     TireImageDataset,
+    VersionState,
+    ensure_splits,
+    ingest_version,
     list_versions,
     read_manifest,
     read_split,
@@ -20,7 +27,7 @@ from tirelib.data import (
 )
 from tirelib.errors import VersionExistsError
 from tirelib.settings import Settings
-from tirelib.storage import ContentCache, ObjectStore, manifest_key
+from tirelib.storage import ContentCache, ObjectStore, manifest_key, upload_marker_key
 
 pytestmark = pytest.mark.integration
 
@@ -28,6 +35,21 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def store(tire_env: Settings) -> ObjectStore:
     return ObjectStore.for_data(tire_env)
+
+
+@contextmanager
+def s3_calls(store: ObjectStore) -> Iterator[Counter[str]]:
+    """The S3 operations the store's client makes inside the block, by name (a botocore hook)."""
+    calls: Counter[str] = Counter()
+
+    def count(model: Any, **_: Any) -> None:
+        calls[model.name] += 1
+
+    store.client.meta.events.register("before-call.s3", count)
+    try:
+        yield calls
+    finally:
+        store.client.meta.events.unregister("before-call.s3", count)
 
 
 def test_upload_skips_broken_files_and_completes_the_rest(
@@ -151,3 +173,51 @@ def test_cli_bad_input_exits_2_with_a_message(
         main([a.replace("{src}", str(tmp_path)) for a in args])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_upload_and_ingest_read_each_object_once_and_never_head_one(
+    store: ObjectStore, tmp_path: Path
+) -> None:
+    write_image_folder(tmp_path, {"good": 12, "defective": 12})
+    with s3_calls(store) as calls:
+        upload_version(store, tmp_path, "v1", progress=False)
+    # The images, the upload marker and the manifest; one GET finds there is no manifest yet.
+    assert calls["PutObject"] == 24 + 2
+    assert (calls["HeadObject"], calls["GetObject"], calls["ListObjectsV2"]) == (0, 1, 1)
+
+    store.delete([manifest_key("v1")])  # as if another client had sent the images
+    with s3_calls(store) as calls:
+        report = ingest_version(store, "v1", cache=ContentCache(tmp_path / "cache"))
+    assert report.written and report.counts == {"defective": 12, "good": 12}
+    assert calls["HeadObject"] == 0
+    assert calls["GetObject"] == 24 + 1  # each image once, and the manifest that is not there
+    assert calls["ListObjectsV2"] == 1
+
+
+def test_listing_takes_a_version_counts_from_one_head(store: ObjectStore, tmp_path: Path) -> None:
+    write_image_folder(tmp_path / "a", {"good": 30, "defective": 20})
+    upload_version(store, tmp_path / "a", "ours", progress=False)
+    # A manifest written the old way, without its summary as metadata: read from the file.
+    old = read_manifest(store, "ours")
+    old.version = "older"
+    store.put_json(manifest_key("older"), old.to_json())
+    # An upload under way: no manifest, the marker among its objects.
+    store.put_json(upload_marker_key("sending"), {"version": "sending"})
+    store.put_bytes("raw/sending/good/x.png", b"image")
+
+    with s3_calls(store) as calls:
+        infos = {i.version: i for i in list_versions(store, settle_seconds=0)}
+    assert infos["ours"].counts == infos["older"].counts == {"defective": 20, "good": 30}
+    assert infos["ours"].created_at == old.created_at
+    assert infos["sending"].state is VersionState.UPLOADING
+    assert calls["HeadObject"] == 3  # one manifest each: never an object of a version
+    assert calls["GetObject"] == 1  # the old manifest only
+
+
+def test_splits_that_exist_are_read_with_one_get_each(store: ObjectStore, tmp_path: Path) -> None:
+    write_image_folder(tmp_path, {"good": 30, "defective": 30})
+    upload_version(store, tmp_path, "v1", progress=False)
+    made = split_version(store, "v1")
+    with s3_calls(store) as calls:
+        assert ensure_splits(store, "v1") == made
+    assert (calls["GetObject"], calls["HeadObject"], calls["PutObject"]) == (3, 0, 0)

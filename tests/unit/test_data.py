@@ -11,8 +11,11 @@ import pytest
 
 from tests.factories import add_broken_files, png_bytes, write_image_folder
 from tirelib.data import (
+    MAX_SUMMARY_BYTES,
     Manifest,
+    ManifestSummary,
     Record,
+    Skipped,
     SplitManifest,
     TireImageDataset,
     assign_split,
@@ -176,6 +179,52 @@ def test_manifests_round_trip() -> None:
     assert SplitManifest.from_json(split.to_json()) == split
     with pytest.raises(DataError, match="malformed"):
         Manifest.from_json({"version": "v1"})
+
+
+def test_manifest_files_hold_the_same_document_and_decode_straight_to_records() -> None:
+    manifest = _manifest({"good": 3, "defective": 2})
+    manifest.skipped.append(Skipped("good/notes.txt", "not an image"))
+    data = manifest.to_bytes()
+    assert json.loads(data) == json.loads(json.dumps(manifest.to_json()))
+    assert data.startswith(b'{\n "created_at"')  # indented, keys sorted, as before
+    decoded = Manifest.from_bytes(data)
+    assert decoded == manifest and all(type(r) is Record for r in decoded.records)
+    split = SplitManifest("v1", "test", ["good", "defective"], manifest.records, (0.6, 0.2, 0.2))
+    assert SplitManifest.from_bytes(split.to_bytes()) == split
+    assert json.loads(split.to_bytes()) == json.loads(json.dumps(split.to_json()))
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b'{"version": "v1"}', "missing required field `created_at`"),
+        (b'{"version": "v1", "created_at": "t", "objects": [{"key": 1}]}', r"\$.objects\[0\].key"),
+        (b"not json", "malformed"),
+    ],
+)
+def test_a_malformed_manifest_file_is_refused_naming_the_problem(data: bytes, message: str) -> None:
+    with pytest.raises(DataError, match=message):
+        Manifest.from_bytes(data, "s3://b/raw/v1/_manifest.json")
+
+
+def test_a_summary_rides_in_metadata_unless_too_large() -> None:
+    manifest = _manifest({"good": 3, "defective": 2})
+    summary = manifest.summary()
+    assert ManifestSummary.from_metadata(summary.to_metadata()) == summary
+    assert ManifestSummary.from_bytes(manifest.to_bytes()) == summary
+    many = ManifestSummary("t", {f"label-{i:03d}": i for i in range(200)}, 0)
+    assert many.to_metadata() == {}  # over S3's 2 KB of metadata: listed from the file
+    assert len(json.dumps(many.counts)) > MAX_SUMMARY_BYTES
+    assert ManifestSummary.from_metadata({"tire-summary": "{broken"}) is None
+
+
+def test_duplicates_count_once_in_the_splits_by_their_first_key() -> None:
+    manifest = _manifest({"good": 40, "defective": 40})
+    first = min(manifest.records, key=lambda r: r.key)
+    manifest.records.append(Record("raw/v1/zz-copy.png", first.label, first.sha256, first.size))
+    splits = make_splits(manifest)
+    kept = [r for s in splits.values() for r in s.records]
+    assert len(kept) == 80 and first in kept
 
 
 def test_cache_verifies_and_is_atomic(tmp_path: Path) -> None:
