@@ -10,11 +10,11 @@ so every request is signed), one bucket per size:
           the content cache, write the manifest
 - list    ``list_versions`` (``tirelib data list``): every version with its state and counts
 - split   ``split_version`` (``tirelib data split``): read the manifest, write three splits
-- load    ``tirelib.train.load_data``: the splits' three datasets, each image decoded from the
-          cache into memory (``--download``: the cache is emptied first, so every image is
-          downloaded, as on a fresh training machine)
-- epoch   one pass over the training loader (the evaluation transform: loading, not
-          augmentation, is measured; torch on one thread, as small tensors gain nothing more)
+- epoch   ``tirelib.train.load_data`` (the splits' three datasets, each image decoded from the
+          cache into memory; ``--download``: the cache is emptied first, so every image is
+          downloaded, as on a fresh training machine), then one pass over the training loader
+          (the evaluation transform: loading, not augmentation, is measured; torch on one
+          thread, as tensors of one small image gain nothing from more)
 
 The images: a pool of ``--pool`` synthetic tires (``tirelib.synth``) at ``--side`` pixels,
 each written many times as a distinct PNG (a ``tEXt`` chunk carrying its index is added), so
@@ -53,14 +53,13 @@ from pathlib import Path
 from typing import Any
 
 VERSION = "scale"
-STEPS = ("upload", "ingest", "list", "split", "load", "epoch")
+STEPS = ("upload", "ingest", "list", "split", "epoch")
 STEP_HELP = {
     "upload": "tirelib data upload",
     "ingest": "ingest, into the cache",
     "list": "tirelib data list",
     "split": "tirelib data split",
-    "load": "load_data, cache full",
-    "epoch": "one pass, train split",
+    "epoch": "load_data + one pass",
 }
 ACCESS_KEY = "tirelib-bench"
 MAX_SIZE = 1_000_000
@@ -171,7 +170,7 @@ def run_step(step: str, size: int, work: Path) -> dict[str, Any]:
         def action() -> int:
             return sum(len(s.records) for s in split_version(store, VERSION).values())
 
-    else:  # load, epoch: the path training takes
+    else:  # epoch: the path training takes
         import torch
 
         from tirelib.config import TrainConfig
@@ -182,28 +181,15 @@ def run_step(step: str, size: int, work: Path) -> dict[str, Any]:
         torch.set_num_threads(1)
         side = int(os.environ["SCALE_SIDE"])
         config = TrainConfig(dataset_version=VERSION, image_size=side, augment=False)
-        if step == "load" and os.environ.get("SCALE_DOWNLOAD") == "1":
+        if os.environ.get("SCALE_DOWNLOAD") == "1":
             shutil.rmtree(cache.root, ignore_errors=True)  # a fresh machine: download all
 
-        def load() -> Any:
-            return load_data(config, store, cache, max_workers=workers, progress=False)
-
-        if step == "load":
-
-            def action() -> int:
-                return sum(len(s.records) for s in load().splits.values())
-
-        else:
-            rss = _max_rss_mb()
-            train_loader = load().train  # decoded into memory, not timed
-
-            def action() -> int:
-                seen = 0
-                for images, _ in train_loader:
-                    seen += int(images.shape[0])
-                return seen
-
-            return {**_measure(action), "rss_start_mb": rss}
+        def action() -> int:
+            loaders = load_data(config, store, cache, max_workers=workers, progress=False)
+            seen = 0
+            for images, _ in loaders.train:
+                seen += int(images.shape[0])
+            return seen
 
     return _measure(action)
 
@@ -277,7 +263,7 @@ def main() -> None:
     parser.add_argument(
         "--download",
         action="store_true",
-        help="Empty the cache before the load step, so it downloads every image.",
+        help="Empty the cache before the epoch, so it downloads every image.",
     )
     parser.add_argument("--step", choices=STEPS, help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
@@ -291,6 +277,7 @@ def main() -> None:
     from tirelib.stack import create_buckets, free_port, seaweedfs_component
 
     load_start = os.getloadavg()
+    began = time.perf_counter()
     sizes: list[int] = args.sizes
     results: dict[tuple[str, int], dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="tire-scale-") as tmp:
@@ -357,9 +344,15 @@ def main() -> None:
                         flush=True,
                     )
                 shutil.rmtree(work / f"cache-{n}", ignore_errors=True)
+                spent = sum(results[(step, n)]["seconds"] for step in STEPS)
+                later = [m for m in sizes if m > n]
+                if n == sizes[0] and later:
+                    guess = spent * sum(later) / n / 60
+                    print(f"  the larger sizes will take about {guess:.0f} min", flush=True)
         finally:
             component.down()
     print_table(results, sizes, load_start, download=args.download)
+    print(f"whole run: {(time.perf_counter() - began) / 60:.1f} min")
 
 
 def _step_mb(result: dict[str, Any]) -> float:
@@ -383,7 +376,7 @@ def print_table(
     )
     what = dict(STEP_HELP)
     if download:
-        what["load"] = "load_data, empty cache"
+        what["epoch"] = "download + one pass"
     head = (
         f"{'step':<7} {'what':<25} {'images':>9} {'ms/img':>8} {'CPU tirelib':>11} "
         f"{'CPU S3':>7} {'peak MB':>8} {'step MB':>8}"

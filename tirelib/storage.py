@@ -10,6 +10,7 @@ bare ``list_objects`` stops at 1,000 keys.
 
 from __future__ import annotations
 
+import email.utils
 import hashlib
 import json
 import logging
@@ -17,12 +18,13 @@ import threading
 from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import unquote
 
 import boto3
+import botocore.session
 from botocore import UNSIGNED
 from botocore.config import Config
 from botocore.exceptions import (
@@ -32,6 +34,7 @@ from botocore.exceptions import (
     SSLError,
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
+from botocore.utils import parse_timestamp
 
 from tirelib.errors import (
     TRANSIENT_S3_CODES,
@@ -131,6 +134,25 @@ def predictions_key(batch: str) -> str:
     return f"{PREDICTIONS_PREFIX}{batch}.jsonl"
 
 
+def fast_timestamp(value: Any) -> datetime:
+    """A timestamp of an S3 answer: ISO 8601 (listings) and RFC 1123 (headers) by the standard
+    library, anything else by botocore's own parser.
+
+    botocore parses every timestamp with dateutil, about 0.3 ms each on a small CPU: a listing
+    of 100,000 objects spent half a minute on its LastModified dates alone.
+    """
+    if isinstance(value, str) and not value.isdigit():
+        try:
+            moment = datetime.fromisoformat(value)
+        except ValueError:
+            try:
+                moment = email.utils.parsedate_to_datetime(value)
+            except (TypeError, ValueError):
+                return parse_timestamp(value)
+        return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    return parse_timestamp(value)
+
+
 def s3_client(settings: Settings) -> S3Client:
     """A boto3 S3 client for the configured endpoint, with botocore's standard retries.
 
@@ -138,7 +160,12 @@ def s3_client(settings: Settings) -> S3Client:
     shared files, instance roles); with none anywhere, requests go unsigned, which an open
     local server or a public bucket accepts.
     """
+    core = botocore.session.get_session()
+    core.get_component("response_parser_factory").set_parser_defaults(
+        timestamp_parser=fast_timestamp
+    )
     session = boto3.session.Session(
+        botocore_session=core,
         aws_access_key_id=settings.aws_access_key_id,
         aws_secret_access_key=(
             settings.aws_secret_access_key.get_secret_value()

@@ -6,6 +6,7 @@ import json
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -212,6 +213,8 @@ def test_listing_takes_a_version_counts_from_one_head(store: ObjectStore, tmp_pa
     assert infos["sending"].state is VersionState.UPLOADING
     assert calls["HeadObject"] == 3  # one manifest each: never an object of a version
     assert calls["GetObject"] == 1  # the old manifest only
+    # Dates of a listing are parsed by the standard library (dateutil's tzutc is not UTC).
+    assert {o.last_modified.tzinfo for o in store.iter_objects("raw/ours/")} == {UTC}
 
 
 def test_splits_that_exist_are_read_with_one_get_each(store: ObjectStore, tmp_path: Path) -> None:

@@ -7,7 +7,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from tirelib.storage import bounded_map
+from botocore.utils import parse_timestamp
+
+from tirelib.storage import bounded_map, fast_timestamp
 
 pytestmark = pytest.mark.unit
 
@@ -55,3 +57,19 @@ def test_bounded_map_closed_early_runs_nothing_more() -> None:
     count = len(ran)
     assert count < 100
     assert len(ran) == count  # the pool is gone: nothing runs after close()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "2026-11-30T17:00:00.000Z",  # a listing's LastModified
+        "2026-11-30T17:00:00Z",
+        "2026-11-30T18:00:00.123456+01:00",
+        "Mon, 30 Nov 2026 17:00:00 GMT",  # a header's Last-Modified
+        "1700000000",
+        1700000000,
+    ],
+)
+def test_fast_timestamps_equal_botocores(value: str | int) -> None:
+    moment = fast_timestamp(value)
+    assert moment == parse_timestamp(value) and moment.tzinfo is not None
