@@ -6,7 +6,6 @@ import threading
 from collections.abc import Iterator
 
 import pytest
-
 from botocore.utils import parse_timestamp
 
 from tirelib.storage import bounded_map, fast_timestamp
@@ -72,4 +71,4 @@ def test_bounded_map_closed_early_runs_nothing_more() -> None:
 )
 def test_fast_timestamps_equal_botocores(value: str | int) -> None:
     moment = fast_timestamp(value)
-    assert moment == parse_timestamp(value) and moment.tzinfo is not None
+    assert moment == parse_timestamp(value) and moment.tzinfo is not None  # type: ignore[arg-type]
