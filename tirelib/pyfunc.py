@@ -4,7 +4,9 @@ Any consumer (tirelib's server, ``mlflow models serve``, a batch job) that loads
 same prediction from the same image bytes, because decoding and resizing live here, beside the
 network. Weights are a state dict loaded with ``weights_only=True``: nothing is unpickled.
 The model also carries its drift baseline (``baseline.json``, a :class:`~tirelib.drift.Baseline`),
-which the server exports beside the live statistics.
+which the server exports beside the live statistics, the network exported to ONNX
+(``model.onnx``) and a bounded sample of its test split (``test_sample.npz``), with which the
+server checks the export before it serves with ONNX Runtime (:mod:`tirelib.runtime`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from tirelib.drift import BASELINE_FILE, Baseline
 from tirelib.errors import DataError
 from tirelib.models import get_model
 from tirelib.preprocessing import Preprocessing, softmax
+from tirelib.runtime import ONNX_FILE, SAMPLE_FILE, TestSample, export_onnx
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +43,12 @@ def write_model_files(
     classes: Sequence[str],
     prep: Preprocessing,
     baseline: Baseline | None = None,
+    sample: TestSample | None = None,
+    onnx: bool = True,
 ) -> dict[str, str]:
-    """Write the weights, the config and the baseline (when given) the pyfunc loads; return
-    them as pyfunc ``artifacts``."""
+    """Write the weights, the config, the baseline and the test sample (when given) and, with
+    ``onnx``, the network exported to ONNX (skipped with a warning when the export fails), as
+    the pyfunc loads them; return them as pyfunc ``artifacts``."""
     directory.mkdir(parents=True, exist_ok=True)
     weights = directory / "weights.pt"
     config = directory / "model_config.json"
@@ -63,6 +69,11 @@ def write_model_files(
         path = directory / BASELINE_FILE
         path.write_text(baseline.model_dump_json(indent=1))
         artifacts["baseline"] = str(path)
+    if onnx and export_onnx(network, prep.image_size, directory / ONNX_FILE):
+        artifacts["onnx"] = str(directory / ONNX_FILE)
+    if sample is not None:
+        sample.save(directory / SAMPLE_FILE)
+        artifacts["test_sample"] = str(directory / SAMPLE_FILE)
     return artifacts
 
 
@@ -78,20 +89,31 @@ class TireClassifier(PythonModel):
     network: torch.nn.Module
     # The drift baseline stored at training; None for a model logged before baselines were.
     baseline: Baseline | None = None
+    # The ONNX export (bytes, read at load: the files may be gone once loaded) and the test
+    # sample that checks it; None for a model logged without them.
+    onnx_model: bytes | None = None
+    test_sample: TestSample | None = None
 
     def load_context(self, context: PythonModelContext) -> None:
-        baseline = context.artifacts.get("baseline")
+        artifacts = context.artifacts
         self.load(
-            Path(context.artifacts["config"]),
-            Path(context.artifacts["weights"]),
-            Path(baseline) if baseline else None,
+            Path(artifacts["config"]),
+            Path(artifacts["weights"]),
+            *(Path(artifacts[k]) if artifacts.get(k) else None for k in ("baseline", "onnx")),
+            sample_path=Path(artifacts["test_sample"]) if artifacts.get("test_sample") else None,
         )
 
     def load(
-        self, config_path: Path, weights_path: Path, baseline_path: Path | None = None
+        self,
+        config_path: Path,
+        weights_path: Path,
+        baseline_path: Path | None = None,
+        onnx_path: Path | None = None,
+        *,
+        sample_path: Path | None = None,
     ) -> None:
-        """Load the config and weights; the baseline from ``baseline_path``, else from
-        ``baseline.json`` beside the config when there is one."""
+        """Load the config and weights; the baseline, the ONNX export and the test sample from
+        the paths given, else from their files beside the config when they are there."""
         config = json.loads(config_path.read_text())
         self.classes = list(config["classes"])
         self.model_type = config["model_type"]
@@ -101,6 +123,9 @@ class TireClassifier(PythonModel):
         network.load_state_dict(state)
         self.network = network.eval()
         self.baseline = read_baseline(baseline_path or config_path.with_name(BASELINE_FILE))
+        onnx_path = onnx_path or config_path.with_name(ONNX_FILE)
+        self.onnx_model = onnx_path.read_bytes() if onnx_path.is_file() else None
+        self.test_sample = read_test_sample(sample_path or config_path.with_name(SAMPLE_FILE))
 
     def predict_proba(self, batch: torch.Tensor) -> np.ndarray:
         """Class probabilities for a preprocessed NCHW batch."""
@@ -132,6 +157,18 @@ def read_baseline(path: Path) -> Baseline | None:
         return Baseline.model_validate_json(path.read_text())
     except (OSError, ValidationError) as error:
         log.warning("ignoring the model's unreadable drift baseline %s: %s", path.name, error)
+        return None
+
+
+def read_test_sample(path: Path) -> TestSample | None:
+    """The test sample stored in ``path``; None when there is none or it is unreadable (the
+    server then serves with PyTorch and says why)."""
+    if not path.is_file():
+        return None
+    try:
+        return TestSample.load(path)
+    except (OSError, ValueError, KeyError) as error:
+        log.warning("ignoring the model's unreadable test sample %s: %s", path.name, error)
         return None
 
 

@@ -41,6 +41,7 @@ from tirelib.drift import Baseline
 from tirelib.errors import RegistryUnavailableError, is_transient_http_status
 from tirelib.preprocessing import Preprocessing
 from tirelib.pyfunc import INPUT_COLUMN, TireClassifier, write_model_files
+from tirelib.runtime import TestSample
 from tirelib.settings import Settings
 from tirelib.urls import mask_credentials, masked_url
 
@@ -242,10 +243,13 @@ def log_model(
     name: str = "model",
     params: Mapping[str, Any] | None = None,
     baseline: Baseline | None = None,
+    sample: TestSample | None = None,
 ) -> str:
     """Log the network as a pyfunc that decodes image bytes itself; return ``models:/<id>``.
 
-    ``baseline`` (the drift baseline of the test split) travels with the model."""
+    ``baseline`` (the drift baseline of the test split) travels with the model, and so do the
+    network exported to ONNX and ``sample`` (test images that check the export, see
+    :mod:`tirelib.runtime`)."""
     import tirelib
 
     with tempfile.TemporaryDirectory(prefix="tire-model-") as tmp:
@@ -256,6 +260,7 @@ def log_model(
             classes=classes,
             prep=prep,
             baseline=baseline,
+            sample=sample,
         )
         example = pd.DataFrame({INPUT_COLUMN: [_example_png(min(prep.image_size, 64))]})
         info = mlflow.pyfunc.log_model(

@@ -34,6 +34,7 @@ from tirelib.metrics import compute_metrics
 from tirelib.models import get_model, get_spec
 from tirelib.preprocessing import Preprocessing, train_transform
 from tirelib.progress import progress_bar
+from tirelib.runtime import SampleTap
 from tirelib.settings import Settings
 from tirelib.storage import ContentCache, ObjectStore
 
@@ -432,8 +433,10 @@ def train(
         spec = get_spec(config.model_type)
         prep = Preprocessing(config.size, spec.mean, spec.std)
         tap = ImageStatisticsTap(loaders.test, prep)
-        # predict() only iterates and asks for the length: the tap stands in for the loader.
-        test = predict(fitted.model, cast(Any, tap), device, desc="test", progress=progress)
+        # Test images that travel with the model to check its ONNX export, kept on the way.
+        sample = SampleTap(tap, prep)
+        # predict() only iterates and asks for the length: the taps stand in for the loader.
+        test = predict(fitted.model, cast(Any, sample), device, desc="test", progress=progress)
         metrics = compute_metrics(test.targets, test.probabilities, loaders.classes, loss=test.loss)
         baseline = drift.compute_baseline(
             loaders.classes, test.targets, test.probabilities, *tap.statistics()
@@ -457,6 +460,7 @@ def train(
                 prep=prep,
                 params={"dataset_version": config.dataset_version},
                 baseline=baseline,
+                sample=sample.sample(),
             )
             mlflow.set_tag(MODEL_URI_TAG, model_uri)
             with tempfile.TemporaryDirectory(prefix="tire-eval-") as tmp:

@@ -326,6 +326,34 @@ def test_a_hundred_instances_in_one_request(world: World, at_version_1: str) -> 
     assert np.allclose(response.json()["predictions"], world.expected("1", encoded), atol=TOLERANCE)
 
 
+def test_a_trained_version_is_served_by_onnxruntime_with_torchs_answers(
+    world: World, at_version_1: str
+) -> None:
+    """Training logs the ONNX export and test images with the model; the server (backend
+    auto) checks them and serves with ONNX Runtime. Version 2 was logged without test images:
+    it is served by PyTorch, saying why."""
+    trained = world.models["1"]
+    assert trained.onnx_model is not None and trained.test_sample is not None
+    count = len(trained.test_sample)  # the whole test split (80 images): under the bound
+    assert count >= 10 and set(trained.test_sample.labels) == {0, 1}
+    tire = httpx.get(f"{at_version_1}/v1/models/tire/metadata").json()["metadata"]["tire"]
+    assert (tire["backend"], tire["quantization"]) == ("onnxruntime", "none")
+    assert f"outputs match PyTorch's on {count} test images" in tire["backend_reason"]
+    encoded = [path.read_bytes() for path in world.images]
+    answer = httpx.post(
+        f"{at_version_1}/v1/models/tire:predict", json={"instances": [b64(e) for e in encoded]}
+    ).json()
+    assert np.abs(np.asarray(answer["predictions"]) - world.expected("1", encoded)).max() <= 1e-4
+
+    move_production(world, at_version_1, "2")
+    try:
+        tire = httpx.get(f"{at_version_1}/v1/models/tire/metadata").json()["metadata"]["tire"]
+        assert tire["backend"] == "torch"
+        assert "carries no test images to check its ONNX export" in tire["backend_reason"]
+    finally:
+        move_production(world, at_version_1, "1")
+
+
 # --- bad input (each case is in tests/integration/test_hostile_input.py) ----------------------
 
 

@@ -1,9 +1,11 @@
-"""The model holder: load, warm up, swap, keep the working version when a new one fails; the
-registry URIs it follows or pins; folding batch norm; Slack alerts; the server's settings."""
+"""The model holder: load, warm up, swap, keep the working version when a new one fails (one
+that the backend asked for cannot serve included); the registry URIs it follows or pins;
+folding batch norm; Slack alerts; the server's settings."""
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from tirelib.errors import ConfigurationError
 from tirelib.models import IMAGENET_MEAN, IMAGENET_STD, get_model
 from tirelib.preprocessing import Preprocessing
 from tirelib.pyfunc import TireClassifier
+from tirelib.runtime import TestSample, export_onnx
 from tirelib.serve.config import load_serve_config
 from tirelib.serve.metrics import ServeMetrics
 from tirelib.serve.model import (
@@ -260,3 +263,36 @@ def test_server_settings_come_from_the_environment_and_name_bad_values(
         load_serve_config(max_wait_ms=-1)
     with pytest.raises(ConfigurationError, match="TIRE_SERVE_NAME"):
         load_serve_config(name="bad/name")
+
+
+def with_onnx(model: TireClassifier, folder: Path) -> TireClassifier:
+    """``model`` with its ONNX export and a test sample, as a logged model carries them."""
+    assert export_onnx(model.network, model.prep.image_size, folder / "model.onnx")
+    model.onnx_model = (folder / "model.onnx").read_bytes()
+    pixels = np.random.default_rng(0).integers(0, 256, (8, 3, 32, 32), dtype=np.uint8)
+    model.test_sample = TestSample(pixels, np.zeros(8, dtype=np.int64))
+    return model
+
+
+def test_a_version_onnxruntime_cannot_serve_never_replaces_the_working_one(
+    tmp_path: Path,
+) -> None:
+    source, metrics, alerts = FakeRegistry("1"), ServeMetrics(), list[str]()
+    exported = with_onnx(classifier(seed=1), tmp_path)
+    source.load = lambda version: exported if version == "1" else classifier(seed=2)  # type: ignore[method-assign]
+    holder = ModelHolder(
+        source, metrics=metrics, notify=alerts.append, backend="onnxruntime", poll_interval_s=60
+    )
+    assert holder.poll_once()
+    current = holder.current
+    assert current is not None and (current.version, current.backend) == ("1", "onnxruntime")
+
+    source.version = "2"  # logged without an ONNX export
+    assert not holder.poll_once()
+    assert holder.current is current
+    states = {s.version: s for s in holder.status()}
+    assert states["2"].state == "UNAVAILABLE"
+    assert "backend onnxruntime was asked for, but the version has no ONNX export" in (
+        states["2"].error_message
+    )
+    assert len(alerts) == 1 and "still serving version 1" in alerts[0]

@@ -47,6 +47,11 @@ def serve(
     threads: Annotated[int | None, typer.Option(help=_help("num_threads"))] = None,
     workers: Annotated[int | None, typer.Option(help=_help("workers"))] = None,
     device: Annotated[str | None, typer.Option(help=_help("device"))] = None,
+    backend: Annotated[str | None, typer.Option(help=_help("backend"))] = None,
+    quantize: Annotated[str | None, typer.Option(help=_help("quantize"))] = None,
+    max_accuracy_drop: Annotated[
+        float | None, typer.Option(help=_help("max_accuracy_drop"))
+    ] = None,
     capture_rate: Annotated[float | None, typer.Option(help=_help("capture_rate"))] = None,
     access_log: Annotated[bool, typer.Option(help="Log every request.")] = False,
 ) -> None:
@@ -80,6 +85,9 @@ def serve(
         num_threads=threads,
         workers=workers,
         device=device,
+        backend=backend,
+        quantize=quantize,
+        max_accuracy_drop=max_accuracy_drop,
         capture_rate=capture_rate,
     )
     settings = get_settings()  # bad settings fail here, not in every worker

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tirelib.errors import ConfigurationError
@@ -141,6 +141,27 @@ class ServeConfig(BaseSettings):
         default=True,
         description="Rewrite the network for inference (batch norm folded, oneDNN layout).",
     )
+    backend: Literal["auto", "torch", "onnxruntime"] = Field(
+        default="auto",
+        description=(
+            "What runs the network: onnxruntime needs the version's ONNX export to match "
+            "PyTorch on its test images (else the version fails to load); auto uses it on the "
+            "CPU when it matches, else torch."
+        ),
+    )
+    quantize: Literal["none", "int8"] = Field(
+        default="none",
+        description=(
+            "int8: serve the ONNX export quantized to int8 (onnxruntime's static quantization) "
+            "when its accuracy on the test images drops by at most max_accuracy_drop."
+        ),
+    )
+    max_accuracy_drop: float = Field(
+        default=0.01,
+        ge=0,
+        le=1,
+        description="Accuracy an int8 model may lose against PyTorch on the test images.",
+    )
     feedback_window_requests: int = Field(
         default=100_000,
         ge=1,
@@ -184,6 +205,16 @@ class ServeConfig(BaseSettings):
         ge=1,
         description="Captured image bytes waiting to be written to S3; beyond it, as above.",
     )
+
+    @field_validator("quantize")
+    @classmethod
+    def _quantize_needs_onnxruntime(cls, value: str, info: ValidationInfo) -> str:
+        if value != "none" and info.data.get("backend") == "torch":
+            raise ValueError(
+                f"quantize {value} runs on onnxruntime: it needs backend auto or onnxruntime, "
+                "not torch"
+            )
+        return value
 
     def resolved_model_uri(self, settings: Settings) -> str:
         return self.model_uri or f"models:/{settings.model_name}@production"

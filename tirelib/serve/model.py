@@ -6,6 +6,10 @@ assignment) never changes the model under a request in flight. A new version is 
 the old one, checked with a forward pass, and only then swapped in; a version that fails to load
 never replaces a working one: the status shows the error, a counter counts it and Slack hears.
 
+What runs the network is chosen at load (:func:`tirelib.runtime.choose_backend`): ONNX Runtime
+when the version's ONNX export matches PyTorch on its test images, else PyTorch; the served model
+says which and why (:attr:`ServedModel.backend`, :attr:`ServedModel.backend_reason`).
+
 Where versions come from is a :class:`ModelSource`: :class:`RegistrySource` reads the MLflow
 model registry (``models:/<name>@<alias>`` is followed, ``models:/<name>/<version>`` is pinned);
 :class:`StaticSource` serves a classifier already in memory (tests, notebooks).
@@ -34,6 +38,7 @@ from tirelib.drift import Baseline
 from tirelib.errors import TirelibError
 from tirelib.preprocessing import Preprocessing, softmax
 from tirelib.pyfunc import TireClassifier
+from tirelib.runtime import Backend, BackendError, Network, Quantize, choose_backend
 from tirelib.urls import mask_credentials
 
 if TYPE_CHECKING:
@@ -65,7 +70,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _probabilities(network: nn.Module, images: torch.Tensor) -> torch.Tensor:
+def _probabilities(network: Network, images: torch.Tensor) -> torch.Tensor:
     with torch.inference_mode():
         return softmax(network(images))
 
@@ -127,10 +132,13 @@ class ServedModel:
     model_type: str
     classes: tuple[str, ...]
     prep: Preprocessing
-    network: nn.Module
+    network: Network  # the PyTorch network, or an ONNX Runtime session called like one
     device: torch.device
     baseline: Baseline | None = None
     loaded_at: float = field(default_factory=time.time)
+    backend: str = "torch"  # torch or onnxruntime
+    backend_reason: str = ""  # why: the check's result, or why ONNX Runtime is not used
+    quantization: str = "none"  # int8 when ONNX Runtime runs the export quantized
 
     @classmethod
     def build(
@@ -141,19 +149,43 @@ class ServedModel:
         uri: str,
         device: torch.device | None = None,
         optimize: bool = True,
+        backend: Backend = "auto",
+        quantize: Quantize = "none",
+        max_accuracy_drop: float = 0.01,
+        threads: int | None = None,
     ) -> ServedModel:
-        """Prepare ``classifier``'s network for inference and warm it up with a forward pass.
+        """Choose the backend, prepare ``classifier``'s network for inference and warm it up
+        with a forward pass. ``threads`` are ONNX Runtime's (default: torch's setting).
 
-        Raises :class:`ModelLoadError` when the network's output does not fit its classes.
+        Raises :class:`ModelLoadError` when the network's output does not fit its classes, or
+        when backend ``onnxruntime`` was asked for and cannot serve this version.
         """
         device = device or torch.device("cpu")
         classes = tuple(classifier.classes)
         prep = classifier.prep
-        network = classifier.network.eval().to(device)
+        reference = classifier.network.eval().to(device)
         example = torch.rand(2, 3, prep.image_size, prep.image_size, device=device)
         try:
-            if optimize:
-                network = optimize_network(network, example)
+            choice = choose_backend(
+                wanted=backend,
+                onnx_model=getattr(classifier, "onnx_model", None),
+                sample=getattr(classifier, "test_sample", None),
+                reference=reference,
+                prep=prep,
+                threads=threads or torch.get_num_threads(),
+                device=device,
+                quantize=quantize,
+                max_accuracy_drop=max_accuracy_drop,
+            )
+        except BackendError as error:
+            raise ModelLoadError(str(error)) from error
+        log.info("version %s runs on %s: %s", version, choice.backend, choice.reason)
+        network: Network = reference
+        try:
+            if choice.network is not None:
+                network = choice.network
+            elif optimize:
+                network = optimize_network(reference, example)
             probabilities = _probabilities(network, example)  # the warm-up
         except RuntimeError as error:
             raise ModelLoadError(
@@ -176,6 +208,9 @@ class ServedModel:
             device=device,
             # Models logged before baselines existed have none: the gauges are then cleared.
             baseline=_baseline(getattr(classifier, "baseline", None)),
+            backend=choice.backend,
+            backend_reason=choice.reason,
+            quantization="int8" if choice.quantized else "none",
         )
 
     def predict_proba(self, images: torch.Tensor) -> np.ndarray:
@@ -363,6 +398,10 @@ class ModelHolder:
         name: str = "tire",
         device: torch.device | None = None,
         optimize: bool = True,
+        backend: Backend = "auto",
+        quantize: Quantize = "none",
+        max_accuracy_drop: float = 0.01,
+        threads: int | None = None,
         poll_interval_s: float = 5.0,
         metrics: ServeMetrics | None = None,
         notify: Callable[[str], object] | None = None,
@@ -371,6 +410,10 @@ class ModelHolder:
         self.name = name
         self.device = device or torch.device("cpu")
         self.optimize = optimize
+        self.backend: Backend = backend
+        self.quantize: Quantize = quantize
+        self.max_accuracy_drop = max_accuracy_drop
+        self.threads = threads
         self.poll_interval_s = poll_interval_s
         self.metrics = metrics
         self.notify = notify
@@ -438,7 +481,15 @@ class ModelHolder:
         try:
             classifier = self.source.load(version)
             served = ServedModel.build(
-                classifier, version=version, uri=uri, device=self.device, optimize=self.optimize
+                classifier,
+                version=version,
+                uri=uri,
+                device=self.device,
+                optimize=self.optimize,
+                backend=self.backend,
+                quantize=self.quantize,
+                max_accuracy_drop=self.max_accuracy_drop,
+                threads=self.threads,
             )
         except Exception as error:
             # Whatever a new version raises is recorded, counted and alerted, and the working
@@ -461,8 +512,9 @@ class ModelHolder:
             )
         was = f" (was version {previous.version})" if previous is not None else ""
         log.info(
-            "serving %s version %s%s: %s, classes %s, loaded in %.1f s",
-            self.name, version, was, served.model_type, list(served.classes),
+            "serving %s version %s%s: %s on %s%s, classes %s, loaded in %.1f s",
+            self.name, version, was, served.model_type, served.backend,
+            " (int8)" if served.quantization == "int8" else "", list(served.classes),
             time.perf_counter() - started,
         )  # fmt: skip
         return True

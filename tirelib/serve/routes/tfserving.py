@@ -95,6 +95,9 @@ def metadata(name: str, model: ServedModel) -> dict[str, Any]:
                 "std": list(model.prep.std),
                 "model_type": model.model_type,
                 "model_uri": model.uri,
+                "backend": model.backend,
+                "backend_reason": model.backend_reason,
+                "quantization": model.quantization,
             },
         },
     }
