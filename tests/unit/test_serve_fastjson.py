@@ -22,7 +22,7 @@ from tests.unit.test_serve_api import BAD_REQUESTS, b64, classifier, floats, png
 from tirelib.pyfunc import TireClassifier
 from tirelib.serve import bodies, create_app, decoding, load_serve_config
 from tirelib.serve.decoding import DecodePool, PixelBudget, admit
-from tirelib.serve.fastjson import read_predict_images
+from tirelib.serve.fastjson import read_float_array, read_predict_images
 from tirelib.serve.inputs import Limits, from_columnar, from_instances, pixel_array, to_tensor
 from tirelib.serve.model import StaticSource
 from tirelib.serve.schemas import PredictRequest, parse_body
@@ -65,6 +65,10 @@ TAKEN: dict[str, bytes] = {
     "columnar": json.dumps({"inputs": [floats(), floats(seed=4)]}).encode(),
     "integers": json.dumps({"instances": [[[[0, 1, 0], [1, 1, 1]]]]}).encode(),
     "indented": json.dumps({"instances": [floats(4, 4)], "signature_name": ""}, indent=2).encode(),
+    "every digit": json.dumps(
+        {"instances": [np.random.default_rng(1).random((6, 5, 3)).tolist()]}
+    ).encode(),
+    "exponents": b'{"instances": [[[[5e-1, 1E-3, 0.25e0], [1e0, 0, -0.0]]]]}',
 }
 TRUNCATED = b64(png()[:60])  # its header reads, its pixels do not decode
 # Bodies it leaves to the general reader, or that fail later, with a bad image between others:
@@ -74,6 +78,10 @@ LEFT: dict[str, bytes] = {
     "bad middle": json.dumps({"instances": [floats(), [[[0.1, 1.5, 0.2]]], TRUNCATED]}).encode(),
     "bad png first": json.dumps({"instances": [floats(), TRUNCATED, [[[2, 0, 0]]]]}).encode(),
     "huge": json.dumps({"instances": [[[[1e300, 0.5, 0.5]]]]}).encode(),
+    "beyond a double": b'{"instances": [[[[1e400, 0.5, 0.5]]]]}',
+    "string number": json.dumps({"instances": [floats(), [[["0.5", 0.5, 0.5]]]]}).encode(),
+    "null number": json.dumps({"instances": [[[[0.5, None, 0.5]]]]}).encode(),
+    "object number": json.dumps({"instances": [[[[0.5, {"v": 1}, 0.5]]]]}).encode(),
     "negative": json.dumps({"instances": [floats(), [[[-0.5, 0.5, 0.5]]]]}).encode(),
     "bool": json.dumps({"instances": [[[[0.1, True, 0.2]]]]}).encode(),
     "nested named": json.dumps({"instances": [{"images": floats()}]}).encode(),
@@ -125,6 +133,24 @@ def test_the_fast_path_reads_what_the_general_reader_reads() -> None:
             else:
                 assert isinstance(fast, np.ndarray) and fast.dtype == np.float32
                 assert np.array_equal(fast, pixel_array(image)), name
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_numbers_are_those_of_python_floats(dtype: type[np.floating[Any]]) -> None:
+    """simdjson's numbers, cast to ``dtype``, are those of the same JSON read as Python floats:
+    every digit, exponents, integers, subnormals, and what overflows ``dtype`` becomes inf."""
+    values = np.random.default_rng(2).normal(0, 1e3, 500).tolist()
+    values += [0, -0.0, 1, 3, 1e-310, 5e-324, 1.7976931348623157e308, 65519.9, 70000.0, 1e39]
+    raw = json.dumps(values).encode()
+    with np.errstate(over="ignore"):
+        expected = np.asarray(values, dtype=dtype)
+    found = read_float_array(raw, (len(values),), dtype)
+    assert found is not None and found.dtype == dtype
+    assert np.array_equal(found, expected)
+    nested = read_float_array(json.dumps([values[:6], values[6:12]]).encode(), (2, 6), dtype)
+    assert nested is not None and np.array_equal(nested, expected[:12].reshape(2, 6))
+    for bad in (b"[0.5, true]", b"[0.5, null]", b'[0.5, "1"]', b"[1e400, 0]", b"[0.5, {}]"):
+        assert read_float_array(bad, (2,), dtype) is None, bad
 
 
 def test_the_first_bad_image_in_order_is_the_error(client: TestClient) -> None:

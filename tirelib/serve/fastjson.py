@@ -8,11 +8,13 @@ network's forward pass. So :func:`read_predict_images` reads the common body ano
    keeps the image list as raw JSON bytes (``msgspec.Raw``), unparsed;
 2. the list's brackets and commas (every other byte removed, one ``bytes.translate``) must be
    exactly those of a regular ``[N][H][W][3]`` array, a byte comparison with the layout of that
-   shape; then the brackets are dropped and msgspec decodes the numbers as one flat list of
-   floats, copied into one float32 array. A string, boolean, null or object among the numbers
-   fails that decoding, so a body that passes holds numbers in that shape and nothing else.
-   A list of other images (``{"b64": ...}``, float images of different sizes) is read item by
-   item the same way.
+   shape; then simdjson (``pysimdjson``) parses the list and copies its numbers, flattened,
+   into one buffer of doubles (``Array.as_buffer``: no Python float is made for any of them),
+   read by numpy as one float32 array: the 150,528 numbers of a 224 px image in about 5 ms,
+   where a list of Python floats and its copy took 30 (a loaded 2-CPU machine). A string,
+   boolean, null or object among the numbers fails that copy, so a body that passes holds
+   numbers in that shape and nothing else. A list of other images (``{"b64": ...}``, float
+   images of different sizes) is read item by item the same way.
 
 Ranges and finiteness are checked later, on the whole batch at once
 (:meth:`tirelib.serve.decoding.Admitted.decode`). Anything this module does not take (a named
@@ -30,6 +32,7 @@ from dataclasses import dataclass
 import msgspec
 import numpy as np
 import numpy.typing as npt
+import simdjson
 
 from tirelib.errors import DataError
 from tirelib.serve.inputs import Limits, Located, decode_b64
@@ -53,7 +56,6 @@ class _B64(msgspec.Struct, forbid_unknown_fields=True):
 
 _envelope = msgspec.json.Decoder(_PredictBody)
 _items = msgspec.json.Decoder(list[msgspec.Raw])
-_floats = msgspec.json.Decoder(list[float])
 _b64 = msgspec.json.Decoder(_B64)
 
 
@@ -149,15 +151,25 @@ def _float_array(raw: bytes, layout: bytes, *, depth: int) -> np.ndarray | None:
 
 
 def _numbers(raw: bytes, shape: tuple[int, ...], dtype: npt.DTypeLike) -> np.ndarray | None:
-    """The numbers of ``raw``, whose brackets are those of ``shape``, as an array of it."""
+    """The numbers of ``raw``, whose brackets are those of ``shape``, as an array of it.
+
+    simdjson copies them, flattened, into one buffer of doubles (no Python float is made);
+    a string, boolean, null or object among them, or a number out of a double's range, gives
+    None.
+    """
     try:
-        values = _floats.decode(b"[" + raw.translate(None, b"[]") + b"]")
-    except _UNREADABLE:  # a string, boolean, null or object; a number out of range
+        # A parser per call: one parser serves one thread, one document at a time.
+        document = simdjson.Parser().parse(raw)
+        if not isinstance(document, simdjson.Array):
+            return None
+        buffer = document.as_buffer(of_type="d")
+    except (ValueError, TypeError, IndexError):  # simdjson's parse and type errors
         return None
-    if len(values) != math.prod(shape):
+    values = np.frombuffer(buffer, dtype=np.float64)
+    if values.size != math.prod(shape):
         return None
     with np.errstate(over="ignore"):  # 1e300 becomes inf here, refused as such later
-        return np.asarray(values, dtype=dtype).reshape(shape)
+        return values.astype(dtype).reshape(shape)
 
 
 def _shape(layout: bytes, depth: int) -> tuple[int, ...] | None:
