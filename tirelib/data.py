@@ -1509,9 +1509,13 @@ class TireImageDataset:
             progress=progress,
             on_download=decode_bytes,
         )
-        with ThreadPoolExecutor(max_workers=max(2, min(max_workers, 8))) as pool:
-            for sha, image in zip(cached, pool.map(self._load_sha, cached), strict=True):
-                keep(sha, image)
+
+        def decode_cached(sha: str) -> tuple[str, Image.Image]:
+            return sha, self._load_sha(sha)
+
+        threads = max(2, min(max_workers, 8))
+        for sha, image in bounded_map(decode_cached, cached, max_workers=threads, name="decode"):
+            keep(sha, image)
         if len(self._decoded) < len(self.records):
             log.info(
                 "%d of %d images decoded in memory (budget %d MB); the rest are read from disk",
