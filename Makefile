@@ -125,6 +125,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/training.py
 	$(BIN)/python bench/serving.py
 	$(BIN)/python bench/serving_cifar.py
+	$(BIN)/python bench/scale.py
 	$(BIN)/python bench/serving_backends.py
 
 stack-up: $(STAMP)
