@@ -123,6 +123,7 @@ e2e: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/dataloading.py
 	$(BIN)/python bench/training.py
+	$(BIN)/python bench/recipe.py
 	$(BIN)/python bench/serving.py
 	$(BIN)/python bench/serving_cifar.py
 	$(BIN)/python bench/scale.py

@@ -46,9 +46,13 @@ MAX_LABEL_LENGTH = 64
 NAME_RULE = "letters, digits, '.', '_' and '-', starting with a letter or digit"
 VERSION_PATTERN = rf"^[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_VERSION_LENGTH - 1}}}$"
 LABEL_PATTERN = rf"^[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_LABEL_LENGTH - 1}}}$"
-DEFAULT_MODEL_TYPE = "cnn"
+DEFAULT_MODEL_TYPE = "cnn128"
 Optimizer = Literal["adam", "adamw", "sgd", "rmsprop"]
-Scheduler = Literal["none", "cosine", "step", "plateau"]
+Scheduler = Literal["none", "cosine", "onecycle", "step", "plateau"]
+# The weight decay of adamw when none is given (decoupled from the gradient, unlike the others').
+ADAMW_WEIGHT_DECAY = 0.05
+# tirelib.preprocessing.train_transform's policies (AUGMENTATIONS there; a test keeps them equal).
+Augmentation = Literal["dihedral", "crop"]
 # The metrics that choose and gate a model (the earlier system's Stage/Produce argument).
 GateMetric = Literal["loss", "accuracy", "precision", "recall", "f1"]
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
@@ -86,24 +90,50 @@ class Hyperparameters(BaseModel):
         le=1000,
         description="Most epochs to train; early stopping may end sooner.",
     )
-    learning_rate: float = Field(default=1e-3, gt=0, le=10, description="Initial learning rate.")
-    batch_size: int = Field(default=32, ge=1, le=4096, description="Images per batch.")
-    optimizer_type: Optimizer = Field(default="adam", description="Optimizer.")
+    learning_rate: float = Field(
+        default=3e-3,
+        gt=0,
+        le=10,
+        description="Learning rate: the peak of a one-cycle schedule, the start of the others.",
+    )
+    batch_size: int = Field(default=16, ge=1, le=4096, description="Images per batch.")
+    optimizer_type: Optimizer = Field(default="adamw", description="Optimizer.")
     image_size: int | None = Field(
         default=None, ge=16, le=1024, description="Input side in pixels; empty: the model's own."
     )
     seed: int = Field(
         default=42, ge=0, description="Random seed; the same seed gives the same run on a CPU."
     )
-    scheduler: Scheduler = Field(default="cosine", description="Learning-rate schedule.")
-    weight_decay: float = Field(default=0.0, ge=0, le=1, description="L2 weight decay.")
+    scheduler: Scheduler = Field(
+        default="onecycle",
+        description=(
+            "Learning-rate schedule; onecycle warms up to learning_rate over the first 30% of "
+            "the steps, then anneals (stepped per batch; the others per epoch)."
+        ),
+    )
+    weight_decay: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description=(
+            "Weight decay; empty: 0.05 for adamw (decoupled), 0 for the others (where it is an "
+            "L2 penalty)."
+        ),
+    )
     momentum: float = Field(default=0.9, ge=0, lt=1, description="Momentum of sgd and rmsprop.")
     pretrained: bool = Field(
         default=False, description="Start from ImageNet weights (torchvision models only)."
     )
     augment: bool = Field(default=True, description="Train-time augmentation.")
+    augmentation: Augmentation = Field(
+        default="dihedral",
+        description=(
+            "Augmentation policy: dihedral (flips, quarter turns, small shifts, brightness and "
+            "contrast) or crop (random resized crop, flips, rotation, colour jitter)."
+        ),
+    )
     patience: int = Field(
-        default=3,
+        default=5,
         ge=1,
         le=1000,
         description="Early stopping: epochs without improvement before stopping.",
@@ -119,7 +149,7 @@ class Hyperparameters(BaseModel):
     )
     num_workers: int = Field(default=0, ge=0, le=64, description="DataLoader worker processes.")
 
-    @field_validator("optimizer_type", "scheduler", mode="before")
+    @field_validator("optimizer_type", "scheduler", "augmentation", mode="before")
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
@@ -153,9 +183,12 @@ class TrainConfig(Hyperparameters):
             raise ValueError(str(error)) from error
 
     @model_validator(mode="after")
-    def _resolve_image_size(self) -> TrainConfig:
+    def _resolve_defaults(self) -> TrainConfig:
         if self.image_size is None:
             object.__setattr__(self, "image_size", get_spec(self.model_type).image_size)
+        if self.weight_decay is None:
+            decay = ADAMW_WEIGHT_DECAY if self.optimizer_type == "adamw" else 0.0
+            object.__setattr__(self, "weight_decay", decay)
         return self
 
     @property

@@ -230,27 +230,61 @@ class Preprocessing:
         return torch.stack(list(tensors))
 
 
-def train_transform(
-    prep: Preprocessing, *, augment: bool = True
-) -> Callable[[Image.Image], torch.Tensor]:
-    """Training transform: random resized crop, flips, rotation, colour jitter, then normalise.
+AUGMENTATIONS: tuple[str, ...] = ("dihedral", "crop")
 
-    Without ``augment`` it is the evaluation transform itself.
+
+class RandomTranspose(torch.nn.Module):
+    """Swap height and width with probability ``p``: with both flips, all eight symmetries of
+    the square (the dihedral group), each exact, with no interpolation."""
+
+    def __init__(self, p: float = 0.5) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return image.transpose(-1, -2) if float(torch.rand(())) < self.p else image
+
+
+def train_transform(
+    prep: Preprocessing, *, augment: bool = True, policy: str = "dihedral"
+) -> Callable[[Image.Image], torch.Tensor]:
+    """Training transform: a random view of the image, then what :class:`Preprocessing` does.
+
+    ``dihedral`` (the default): resized as for evaluation, then one of the square's eight
+    symmetries (flips and quarter turns, exact for a round part photographed from the side),
+    a shift of up to 1/32 of the side and brightness/contrast jitter; nothing is cut off or
+    blurred, so a small defect stays in the picture. ``crop``: a random resized crop (80-100%
+    of the area), flips, a rotation of up to 15 degrees and colour jitter. Without ``augment``
+    it is the evaluation transform itself.
     """
     if not augment:
         return prep
     from torchvision.transforms import v2
 
-    return v2.Compose(
-        [
-            v2.PILToTensor(),
-            v2.RandomResizedCrop(
-                prep.image_size, scale=(0.8, 1.0), ratio=(0.9, 1.1), antialias=True
-            ),
+    size = prep.image_size
+    if policy == "dihedral":
+        view: list[Any] = [
+            v2.Resize((size, size), antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.RandomVerticalFlip(),
+            RandomTranspose(),
+            v2.RandomCrop(size, padding=max(size // 32, 1), padding_mode="reflect"),
+            v2.ColorJitter(brightness=0.2, contrast=0.2),
+        ]
+    elif policy == "crop":
+        view = [
+            v2.RandomResizedCrop(size, scale=(0.8, 1.0), ratio=(0.9, 1.1), antialias=True),
             v2.RandomHorizontalFlip(),
             v2.RandomVerticalFlip(),
             v2.RandomRotation(15),
             v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.1),
+        ]
+    else:
+        raise ValueError(f"unknown augmentation {policy!r}; choose one of {AUGMENTATIONS}")
+    return v2.Compose(
+        [
+            v2.PILToTensor(),
+            *view,
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(mean=list(prep.mean), std=list(prep.std)),
         ]

@@ -8,13 +8,13 @@ downloaded or any MLflow run is opened.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
 import math
 import random
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -130,7 +130,11 @@ def load_data(
     prep = Preprocessing(config.size, spec.mean, spec.std)
     datasets = {
         name: TireImageDataset.from_split(
-            split, cache, train_transform(prep, augment=config.augment) if name == "train" else prep
+            split,
+            cache,
+            train_transform(prep, augment=config.augment, policy=config.augmentation)
+            if name == "train"
+            else prep,
         )
         for name, split in splits.items()
     }
@@ -163,12 +167,19 @@ def train_one_epoch(
     device: torch.device,
     scaler: torch.amp.GradScaler | None,
     *,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     desc: str = "train",
     progress: bool | None = None,
 ) -> float:
-    """One pass over ``loader``; returns the mean training loss."""
+    """One pass over ``loader``; returns the mean training loss.
+
+    ``scheduler``, when given, steps after every batch (one-cycle). The loss is summed on the
+    device and read once at the end: a ``loss.item()`` per step would make the host wait for
+    the accelerator after every batch.
+    """
     model.train()
-    total, count = 0.0, 0
+    total = torch.zeros((), device=device)
+    count = 0
     for images, targets in progress_bar(
         loader, total=len(loader), desc=desc, unit="batch", enabled=progress
     ):
@@ -184,14 +195,16 @@ def train_one_epoch(
         else:
             loss.backward()
             optimizer.step()
-        total += loss.item() * targets.shape[0]
+        if scheduler is not None:
+            scheduler.step()
+        total += loss.detach().float() * targets.shape[0]
         count += targets.shape[0]
-    return total / max(count, 1)
+    return total.item() / max(count, 1)
 
 
 def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
-    lr, wd = config.learning_rate, config.weight_decay
+    lr, wd = config.learning_rate, config.weight_decay or 0.0
     if config.optimizer_type == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=wd)
     if config.optimizer_type == "adamw":
@@ -202,10 +215,22 @@ def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimiz
 
 
 def make_scheduler(
-    config: TrainConfig, optimizer: torch.optim.Optimizer
+    config: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int = 1
 ) -> torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau | None:
+    """The learning-rate schedule; ``onecycle`` steps per batch, the others per epoch.
+
+    One-cycle (Smith and Topin's super-convergence) warms up from ``learning_rate / 25`` to
+    ``learning_rate`` over the first 30% of the steps, then anneals to almost zero.
+    """
     if config.scheduler == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    if config.scheduler == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer,
+            max_lr=config.learning_rate,
+            epochs=config.epochs,
+            steps_per_epoch=max(steps_per_epoch, 1),
+        )
     if config.scheduler == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(config.epochs // 3, 1))
     if config.scheduler == "plateau":
@@ -288,6 +313,8 @@ class _Fit:
     history: list[dict[str, float]]
     best_epoch: int
     stop_reason: str
+    # Seconds per epoch spent training and validating (metrics and logging included).
+    seconds: list[dict[str, float]] = field(default_factory=list)
 
 
 def fit(
@@ -300,26 +327,35 @@ def fit(
 ) -> _Fit:
     """Train for up to ``config.epochs`` epochs; restore the best epoch's weights at the end."""
     seed_everything(config.seed)
-    model = get_model(
-        config.model_type, num_classes=len(loaders.classes), pretrained=config.pretrained
-    ).to(device)
+    # Channels-last activations: oneDNN's (CPU) and cuDNN's fast convolution layout; about a
+    # fifth less time per step for the small CNNs on a CPU. The weights go back to the usual
+    # layout at the end, so the saved and exported model is the ordinary one.
+    model = (
+        get_model(config.model_type, num_classes=len(loaders.classes), pretrained=config.pretrained)
+        .to(device)
+        .to(memory_format=torch.channels_last)
+    )
     optimizer = make_optimizer(config, model)
-    scheduler = make_scheduler(config, optimizer)
+    scheduler = make_scheduler(config, optimizer, len(loaders.train))
+    per_batch = scheduler if isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR) else None
     amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if amp else None
     criterion = nn.CrossEntropyLoss()
     stopper = EarlyStopping(config.patience, config.min_delta, config.min_loss, config.min_accuracy)
     history: list[dict[str, float]] = []
-    best_state = copy.deepcopy(model.state_dict())
+    best_state = _snapshot(model)
     best_key: tuple[float, float] = (math.inf, 0.0)
     best_epoch = 0
     stop_reason = f"ran all {_epochs(config.epochs)}"
+    seconds: list[dict[str, float]] = []
     for epoch in range(1, config.epochs + 1):
         lr = optimizer.param_groups[0]["lr"]
+        started = time.perf_counter()
         train_loss = train_one_epoch(
-            model, loaders.train, optimizer, criterion, device, scaler,
+            model, loaders.train, optimizer, criterion, device, scaler, scheduler=per_batch,
             desc=f"epoch {epoch}/{config.epochs}", progress=progress,
         )  # fmt: skip
+        trained = time.perf_counter()
         val = predict(model, loaders.val, device, amp=amp, desc="validate", progress=progress)
         metrics = compute_metrics(val.targets, val.probabilities, loaders.classes, loss=val.loss)
         row = {"train_loss": train_loss, **metrics.as_dict("val_"), "learning_rate": lr}
@@ -333,11 +369,12 @@ def fit(
         key = (val.loss, -metrics.accuracy)
         if key < best_key:
             best_key, best_epoch = key, epoch
-            best_state = copy.deepcopy(model.state_dict())
+            best_state = _snapshot(model)
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             scheduler.step(val.loss)
-        elif scheduler is not None:
+        elif scheduler is not None and per_batch is None:
             scheduler.step()
+        seconds.append({"train": trained - started, "validate": time.perf_counter() - trained})
         if stopper.step(val.loss, metrics.accuracy):
             if epoch < config.epochs:
                 stop_reason = f"stopped early after epoch {epoch}: {stopper.reason}"
@@ -346,7 +383,13 @@ def fit(
             log.info(stop_reason)
             break
     model.load_state_dict(best_state)
-    return _Fit(model, history, best_epoch, stop_reason)
+    model.to(memory_format=torch.contiguous_format)
+    return _Fit(model, history, best_epoch, stop_reason, seconds)
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the weights where they are (no trip to the host for a model on a GPU)."""
+    return {name: value.detach().clone() for name, value in model.state_dict().items()}
 
 
 @contextmanager

@@ -100,12 +100,15 @@ def test_a_run_has_params_metrics_artifacts_and_a_servable_model(
         "model_type": model_type,
         "dataset_version": VERSION,
         "epochs": str(epochs),
-        "learning_rate": "0.001",
+        "learning_rate": "0.003",
         "batch_size": "16",
-        "optimizer_type": "adam",
+        "optimizer_type": "adamw",
+        "scheduler": "onecycle",
+        "weight_decay": "0.05",
+        "augmentation": "dihedral",
         "image_size": "64",
         "seed": "42",
-        "patience": "3",
+        "patience": "5",
     }.items():
         assert params[name] == value, name
     history = client.get_metric_history(result.run_id, "val_loss")

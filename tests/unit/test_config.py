@@ -83,7 +83,7 @@ def test_hyperparameter_params_equal_the_models_fields(name: str) -> None:
 def test_enums_come_from_the_models() -> None:
     params = dag_params()
     assert params["optimizer_type"]["enum"] == ["adam", "adamw", "sgd", "rmsprop"]
-    assert params["scheduler"]["enum"] == ["none", "cosine", "step", "plateau"]
+    assert params["scheduler"]["enum"] == ["none", "cosine", "onecycle", "step", "plateau"]
     assert params["metric"]["enum"] == ["loss", "accuracy", "precision", "recall", "f1"]
     assert params["model_types"]["items"]["enum"] == [*list_models(), *ALIASES]
     assert params["model_types"]["default"] == [TrainConfig.model_fields["model_type"].default]
@@ -316,7 +316,7 @@ def test_train_help_shows_the_models_defaults_and_ranges() -> None:
         assert field.description in text, name
         if field.default is not None and not field.is_required():
             assert f"(default: {_shown(field.default)})" in text, name
-    assert "Range: > 0, <= 10. (default: 0.001)" in text  # learning_rate
+    assert "Range: > 0, <= 10. (default: 0.003)" in text  # learning_rate
     assert "One of: adam, adamw, sgd, rmsprop." in text
 
 

@@ -18,10 +18,11 @@ EXPECTED = {
     "resnet50",
     "tinyvgg",
     "cnn",
+    "cnn128",
 }
 
 
-def test_the_registry_has_the_seven_architectures() -> None:
+def test_the_registry_has_the_eight_architectures() -> None:
     assert set(list_models()) == EXPECTED
 
 
@@ -41,13 +42,42 @@ def test_forward_and_backward_on_a_tiny_input(name: str) -> None:
     assert count_parameters(model) > 1000
 
 
+def test_cnn128_at_128_px_does_the_work_of_cnn_at_64_px() -> None:
+    """The strided first convolution sees four times the pixels for the same arithmetic."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def flops(name: str) -> int:
+        size = get_spec(name).image_size
+        with FlopCounterMode(display=False) as counter:
+            get_model(name).eval()(torch.rand(1, 3, size, size))
+        return counter.get_total_flops()
+
+    assert get_spec("cnn128").image_size == 2 * get_spec("cnn").image_size
+    assert flops("cnn128") == pytest.approx(flops("cnn"), rel=0.01)
+
+
+def test_cnn_keeps_the_layout_of_the_weights_logged_before() -> None:
+    """Logged models are rebuilt by name and given their state dict: the names and shapes of
+    ``cnn``'s weights must not change."""
+    shapes = {k: tuple(v.shape) for k, v in get_model("cnn").state_dict().items()}
+    assert shapes["0.weight"] == (32, 3, 3, 3)
+    assert shapes["19.weight"] == (2, 128)
+    assert len(shapes) == 26
+    # cnn128: the same convolutions, a head over the average and the maximum of each channel.
+    wide = {k: tuple(v.shape) for k, v in get_model("cnn128").state_dict().items()}
+    assert wide.pop("18.weight") == (2, 256)
+    assert {k: v for k, v in shapes.items() if not k.startswith("19.")} == {
+        k: v for k, v in wide.items() if not k.startswith("18.")
+    }
+
+
 def test_the_earlier_name_efficientnet_means_b0() -> None:
     assert get_spec("efficientnet").name == "efficientnet_b0"
     assert get_spec("EfficientNet_B0").image_size == 224
 
 
 def test_an_unknown_name_lists_the_valid_ones() -> None:
-    with pytest.raises(ConfigurationError, match="choose one of: cnn, efficientnet_b0"):
+    with pytest.raises(ConfigurationError, match="choose one of: cnn, cnn128, efficientnet_b0"):
         get_model("vgg19")
 
 

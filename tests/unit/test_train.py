@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 from typer.testing import CliRunner
 
 from tirelib.cli import app, translate_legacy
+from tirelib.config import Augmentation
 from tirelib.errors import ConfigurationError
-from tirelib.train import EarlyStopping, Loaders, fit, make_config, pick_device
+from tirelib.models import get_model
+from tirelib.preprocessing import AUGMENTATIONS, Preprocessing, train_transform
+from tirelib.train import (
+    EarlyStopping,
+    Loaders,
+    fit,
+    make_config,
+    pick_device,
+    train_one_epoch,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -18,6 +32,8 @@ pytestmark = pytest.mark.unit
 
 
 def test_defaults_resolve_the_models_input_size() -> None:
+    assert make_config(dataset_version="v1").model_type == "cnn128"
+    assert make_config(dataset_version="v1").image_size == 128
     assert make_config(dataset_version="v1", model_type="cnn").image_size == 64
     assert make_config(dataset_version="v1", model_type="efficientnet").image_size == 224
     assert make_config(dataset_version="v1", model_type="efficientnet").model_type == (
@@ -26,17 +42,24 @@ def test_defaults_resolve_the_models_input_size() -> None:
     assert make_config(dataset_version="v1", optimizer_type="Adam").optimizer_type == "adam"
 
 
+def test_weight_decay_defaults_to_adamws_own_and_none_for_the_others() -> None:
+    assert make_config(dataset_version="v1").weight_decay == 0.05
+    assert make_config(dataset_version="v1", optimizer_type="sgd").weight_decay == 0.0
+    assert make_config(dataset_version="v1", optimizer_type="adam").weight_decay == 0.0
+    assert make_config(dataset_version="v1", weight_decay=0.2).weight_decay == 0.2
+
+
 @pytest.mark.parametrize(
     ("values", "message"),
     [
         ({"optimizer_type": "adagrad"}, "'adam', 'adamw', 'sgd' or 'rmsprop'"),
-        ({"model_type": "vgg19"}, "choose one of: cnn, efficientnet_b0"),
+        ({"model_type": "vgg19"}, "choose one of: cnn, cnn128, efficientnet_b0"),
         ({"learning_rate": 0}, "learning_rate=0: Input should be greater than 0"),
         ({"learning_rate": -0.1}, "greater than 0"),
         ({"batch_size": 0}, "batch_size=0: Input should be greater than or equal to 1"),
         ({"epochs": 0}, "epochs=0"),
         ({"dataset_version": "../etc"}, "invalid version name"),
-        ({"scheduler": "linear"}, "'none', 'cosine', 'step' or 'plateau'"),
+        ({"scheduler": "linear"}, "'none', 'cosine', 'onecycle', 'step' or 'plateau'"),
         ({"min_accuracy": 1.5}, "min_accuracy=1.5"),
         ({"colour": "red"}, "colour='red': unknown key; allowed: epochs, learning_rate"),
     ],
@@ -45,6 +68,23 @@ def test_bad_values_are_named_with_what_is_allowed(values: dict[str, object], me
     with pytest.raises(ConfigurationError, match="invalid training configuration") as error:
         make_config(**{"dataset_version": "v1", **values})
     assert message in str(error.value)
+
+
+@pytest.mark.parametrize("policy", get_args(Augmentation))
+def test_each_augmentation_policy_gives_the_models_input(policy: str) -> None:
+    assert get_args(Augmentation) == AUGMENTATIONS
+    prep = Preprocessing(64, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    image = Image.fromarray(np.full((128, 96, 3), 200, dtype=np.uint8))
+    torch.manual_seed(0)
+    views = [train_transform(prep, policy=policy)(image) for _ in range(4)]
+    assert all(v.shape == (3, 64, 64) and v.dtype == torch.float32 for v in views)
+    # A plain grey image stays within the jitter of its normalised value, (200/255 - 0.5) / 0.25.
+    assert all(abs(float(v.mean()) - 1.137) < 0.8 for v in views)
+
+
+def test_an_unknown_augmentation_is_refused_with_the_allowed_ones() -> None:
+    with pytest.raises(ConfigurationError, match=r"augmentation='mixup'.*'dihedral' or 'crop'"):
+        make_config(dataset_version="v1", augmentation="mixup")
 
 
 # --- early stopping ------------------------------------------------------------------------
@@ -153,6 +193,48 @@ def test_a_rule_firing_on_the_last_epoch_is_not_an_early_stop(
     early = fit(longer, _toy_loaders(), pick_device(), progress=False)
     assert len(early.history) == 1
     assert early.stop_reason.startswith("stopped early after epoch 1: targets met")
+
+
+def test_one_cycle_steps_every_batch_warming_up_then_annealing() -> None:
+    config = make_config(
+        dataset_version="toy",
+        model_type="tinyvgg",
+        epochs=3,
+        learning_rate=0.01,
+        scheduler="onecycle",
+    )
+    history = fit(config, _toy_loaders(), pick_device(), progress=False).history
+    rates = [row["learning_rate"] for row in history]
+    # Six batches an epoch: the first epoch starts at a 25th of the peak, the second starts
+    # past the peak (30% of 18 steps), the third lower again.
+    assert rates[0] == pytest.approx(0.01 / 25)
+    assert rates[1] > rates[2] > rates[0]
+
+
+def test_the_epoch_loss_is_the_mean_over_images_read_once_per_epoch() -> None:
+    # A rate of 0 leaves the weights alone, so the loss of each batch can be computed again;
+    # 96 images in batches of 36 leave a short last batch, which must weigh less.
+    torch.manual_seed(0)
+    model = get_model("tinyvgg")
+    images = torch.rand(96, 3, 32, 32)
+    labels = torch.arange(96) % 2
+    loader = DataLoader(TensorDataset(images, labels), batch_size=36)
+    criterion = torch.nn.CrossEntropyLoss()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    mean = train_one_epoch(model, loader, optimizer, criterion, torch.device("cpu"), None)
+    with torch.no_grad():
+        expected = sum(criterion(model(x), y).item() * len(y) for x, y in loader) / 96
+    assert mean == pytest.approx(expected, rel=1e-5)
+
+
+def test_fit_times_its_epochs_and_returns_the_usual_memory_layout() -> None:
+    config = make_config(dataset_version="toy", model_type="cnn", epochs=2)
+    result = fit(config, _toy_loaders(), pick_device(), progress=False)
+    assert [set(row) for row in result.seconds] == [{"train", "validate"}] * 2
+    assert all(value > 0 for row in result.seconds for value in row.values())
+    # Trained channels-last, saved and exported as the ordinary contiguous layout.
+    weights = [p for p in result.model.parameters() if p.dim() == 4]
+    assert weights and all(p.is_contiguous() for p in weights)
 
 
 # --- the command line ----------------------------------------------------------------------

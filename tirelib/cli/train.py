@@ -54,6 +54,7 @@ def train(
     momentum: Annotated[float | None, typer.Option(help=_help("momentum"))] = None,
     pretrained: Annotated[bool | None, typer.Option(help=_help("pretrained"))] = None,
     augment: Annotated[bool | None, typer.Option(help=_help("augment"))] = None,
+    augmentation: Annotated[str | None, typer.Option(help=_help("augmentation"))] = None,
     patience: Annotated[int | None, typer.Option(help=_help("patience"))] = None,
     min_delta: Annotated[
         float | None, typer.Option("--min-delta", "--delta", help=_help("min_delta"))
@@ -85,6 +86,7 @@ def train(
         momentum=momentum,
         pretrained=pretrained,
         augment=augment,
+        augmentation=augmentation,
         patience=patience,
         min_delta=min_delta,
         min_loss=min_loss,
