@@ -201,8 +201,9 @@ def make_session(
     model: bytes, *, threads: int, device: torch.device | None = None
 ) -> onnxruntime.InferenceSession:
     """An ONNX Runtime session for ``model``: ``threads`` intra-op threads (the server's thread
-    setting), one inter-op thread, every graph optimisation. On a CUDA device, ONNX Runtime's
-    CUDA provider when this install has it (``onnxruntime-gpu``), else :class:`BackendError`."""
+    setting) that sleep when idle, one inter-op thread, every graph optimisation. On a CUDA
+    device, ONNX Runtime's CUDA provider when this install has it (``onnxruntime-gpu``), else
+    :class:`BackendError`."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
@@ -211,6 +212,9 @@ def make_session(
     options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # errors only: its warnings go to stderr, not to logging
+    # Idle intra-op threads sleep instead of spinning: in the server they share the cores with
+    # the event loop and the decoding threads, which a spinning pool would starve.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = ["CPUExecutionProvider"]
     if device is not None and device.type == "cuda":
         available = onnxruntime.get_available_providers()
