@@ -195,14 +195,15 @@ def registry(
 
 def stop_main_process(server: Server, signum: signal.Signals) -> list[int]:
     """Signal the main process alone (not its group); wait for its workers; return them."""
-    workers = workers_of(server.pid)
-    assert len(workers) == WORKERS, f"workers of {server.pid}: {workers}"
-    everything = [server.pid, *children(server.pid)]
-    os.kill(server.pid, signum)
+    main = server.pid  # read once: the pid file may be gone once the process is
+    workers = workers_of(main)
+    assert len(workers) == WORKERS, f"workers of {main}: {workers}"
+    everything = [main, *children(main)]
+    os.kill(main, signum)
     wait_until(
         lambda: not any(alive(pid) for pid in everything),
         timeout=60,
-        what=f"the server {server.pid} and its processes {everything[1:]} to exit",
+        what=f"the server {main} and its processes {everything[1:]} to exit",
     )
     return workers
 

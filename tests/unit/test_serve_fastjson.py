@@ -79,6 +79,7 @@ LEFT: dict[str, bytes] = {
     "bad png first": json.dumps({"instances": [floats(), TRUNCATED, [[[2, 0, 0]]]]}).encode(),
     "huge": json.dumps({"instances": [[[[1e300, 0.5, 0.5]]]]}).encode(),
     "beyond a double": b'{"instances": [[[[1e400, 0.5, 0.5]]]]}',
+    "integer beyond 64 bits": b'{"instances": [[[[1' + b"0" * 400 + b", 0.5, 0.5]]]]}",
     "string number": json.dumps({"instances": [floats(), [[["0.5", 0.5, 0.5]]]]}).encode(),
     "null number": json.dumps({"instances": [[[[0.5, None, 0.5]]]]}).encode(),
     "object number": json.dumps({"instances": [[[[0.5, {"v": 1}, 0.5]]]]}).encode(),
@@ -149,7 +150,14 @@ def test_numbers_are_those_of_python_floats(dtype: type[np.floating[Any]]) -> No
     assert np.array_equal(found, expected)
     nested = read_float_array(json.dumps([values[:6], values[6:12]]).encode(), (2, 6), dtype)
     assert nested is not None and np.array_equal(nested, expected[:12].reshape(2, 6))
-    for bad in (b"[0.5, true]", b"[0.5, null]", b'[0.5, "1"]', b"[1e400, 0]", b"[0.5, {}]"):
+    for bad in (
+        b"[0.5, true]",
+        b"[0.5, null]",
+        b'[0.5, "1"]',
+        b"[1e400, 0]",
+        b"[0.5, {}]",
+        b"[1" + b"0" * 30 + b", 0]",
+    ):
         assert read_float_array(bad, (2,), dtype) is None, bad
 
 

@@ -163,7 +163,8 @@ def _numbers(raw: bytes, shape: tuple[int, ...], dtype: npt.DTypeLike) -> np.nda
         if not isinstance(document, simdjson.Array):
             return None
         buffer = document.as_buffer(of_type="d")
-    except (ValueError, TypeError, IndexError):  # simdjson's parse and type errors
+    except (ValueError, TypeError, IndexError, RuntimeError):
+        # simdjson's parse and type errors; RuntimeError for an integer beyond 64 bits
         return None
     values = np.frombuffer(buffer, dtype=np.float64)
     if values.size != math.prod(shape):
