@@ -505,6 +505,24 @@ def load_average() -> str:
     return f"{one:.2f} {five:.2f} {fifteen:.2f} (1, 5, 15 min; {os.cpu_count()} CPUs)"
 
 
+def processor() -> str:
+    """The CPU's model and the vector instructions it offers (Linux; elsewhere ``unknown``).
+
+    Forward passes depend on them more than on anything in tirelib: the same network can take
+    three times as long on a CPU without AVX2 as on one with AVX-512, so absolute figures are
+    only comparable on the same processor."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines()
+                  if line.startswith("model name")), "unknown")  # fmt: skip
+    flags = next((set(line.split(":", 1)[1].split()) for line in info.splitlines()
+                  if line.startswith("flags")), set())  # fmt: skip
+    wanted = ("avx", "avx2", "fma", "avx512f", "avx512_vnni", "amx_tile")
+    return f"{model}; " + (" ".join(f for f in wanted if f in flags) or "no AVX")
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -541,6 +559,7 @@ def main() -> None:
     targets = [t for t in TARGETS if not (args.no_mlflow and t == "mlflow")]
     results: dict[tuple[str, str, int], list[Result]] = {}
     print(f"load average at start: {load_average()}")
+    print(f"processor: {processor()}")
 
     with tempfile.TemporaryDirectory(prefix="tire-bench-serving-") as tmp, ExitStack() as stack:
         root = Path(tmp)

@@ -49,7 +49,7 @@ import mlflow
 import numpy as np
 import onnxruntime
 import torch
-from serving import HOST, server
+from serving import HOST, processor, server
 from serving_cifar import FORMS, drive
 
 from tirelib import runtime, tracking
@@ -287,6 +287,7 @@ def main() -> None:
     torch.set_num_threads(threads)
     load = os.getloadavg()
     print(f"load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} ({threads} CPUs)")
+    print(f"processor: {processor()}")
     print(
         f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, {threads} threads; "
         f"served: Open Inference Protocol binary tensors, one request at a time; "

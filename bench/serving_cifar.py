@@ -2,8 +2,11 @@
 
 The earlier system served a small CNN on 32 x 32 images with TensorFlow Serving at 0.45 ms per
 image, in requests of 100 images. This benchmark sends the same workload to ``tirelib serve``:
-a small CNN (tirelib's ``cnn``, random weights) logged for 32 px input and registered in a
-private local stack (SeaweedFS + MLflow on free loopback ports, shared with ``serving.py``),
+a small CNN (tirelib's ``cnn``, random weights) logged for 32 px input as training logs a model
+(with its ONNX export and a sample of test images, so the server chooses its backend as it does
+for a trained model: ``--backend auto`` takes ONNX Runtime when its answers match PyTorch's) and
+registered in a private local stack (SeaweedFS + MLflow on free loopback ports, shared with
+``serving.py``),
 10,000 synthetic tires of 32 x 32 pixels in requests of 100, one request at a time, in these
 wire formats (every body is encoded before the clock starts):
 
@@ -26,6 +29,7 @@ every image (there must be none: the run fails otherwise). Each form's answers a
 against the bare forward pass's probabilities of the same images.
 
 Run:  .venv/bin/python bench/serving_cifar.py [--images 10000] [--batch 100] [--quick]
+                                             [--backend auto|torch|onnxruntime]
 """
 
 from __future__ import annotations
@@ -55,11 +59,12 @@ import mlflow
 import numpy as np
 import torch
 from PIL import Image
-from serving import HOST, local_stack, server
+from serving import HOST, local_stack, processor, server
 
 from tirelib import tracking
 from tirelib.models import get_model, get_spec
 from tirelib.preprocessing import Preprocessing
+from tirelib.runtime import BACKENDS, Backend, TestSample, sample_limit
 from tirelib.serve.model import ServedModel
 from tirelib.settings import Settings
 from tirelib.stack import free_port
@@ -168,17 +173,24 @@ FORMS = (
 
 def make_images(count: int, seed: int = 3) -> np.ndarray:
     """``count`` synthetic tires (half defective), uint8 ``[count, 32, 32, 3]``."""
+    return _tires(count, seed)[0]
+
+
+def _tires(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` synthetic tires (every other one defective) and their class indices."""
     rng = np.random.default_rng(seed)
-    kinds = [None, *DEFECT_KINDS]
     images = np.empty((count, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    labels = np.empty(count, dtype=np.int64)
     for i in range(count):
-        defect = None if i % 2 == 0 else kinds[1 + (i // 2) % len(DEFECT_KINDS)]
+        defect = None if i % 2 == 0 else DEFECT_KINDS[(i // 2) % len(DEFECT_KINDS)]
         images[i] = np.asarray(draw_tire(rng, IMAGE_SIZE, defect).convert("RGB"))
-    return images
+        labels[i] = CLASSES.index("good" if defect is None else "defective")
+    return images, labels
 
 
 def register_model(settings: Settings) -> str:
-    """Log the CNN for 32 px input, register it and point ``production`` at it."""
+    """Log the CNN for 32 px input as training does (ONNX export and test sample), register it
+    and point ``production`` at it."""
     tracking.configure(settings)
     torch.manual_seed(0)
     network = get_model(MODEL_TYPE, num_classes=len(CLASSES)).eval()
@@ -186,8 +198,12 @@ def register_model(settings: Settings) -> str:
         network[-1].weight.mul_(100)  # that an answer for the wrong pixels shows in the check
     spec = get_spec(MODEL_TYPE)
     prep = Preprocessing(IMAGE_SIZE, spec.mean, spec.std)
+    images, labels = _tires(sample_limit(IMAGE_SIZE), seed=11)  # not the measured images
+    sample = TestSample(np.ascontiguousarray(images.transpose(0, 3, 1, 2)), labels)
     with mlflow.start_run(run_name="bench-serving-cifar"):
-        uri = tracking.log_model(network, model_type=MODEL_TYPE, classes=CLASSES, prep=prep)
+        uri = tracking.log_model(
+            network, model_type=MODEL_TYPE, classes=CLASSES, prep=prep, sample=sample
+        )
     version = mlflow.register_model(uri, NAME).version
     mlflow.MlflowClient().set_registered_model_alias(NAME, "production", version)
     return f"models:/{NAME}/{version}"
@@ -250,7 +266,12 @@ def drive(url: str, form: Form, bodies: list[Body], sizes: list[int], concurrenc
 
 
 def bare_worker(
-    connection: Connection, uri: str, tracking_uri: str, images: np.ndarray, batch: int
+    connection: Connection,
+    uri: str,
+    tracking_uri: str,
+    images: np.ndarray,
+    batch: int,
+    backend: Backend,
 ) -> None:
     """The server's prepared network in a process of its own; answers each job with
     ``(seconds per batch, probabilities)``. The batches are preprocessed before the clock
@@ -258,14 +279,15 @@ def bare_worker(
     torch.set_num_threads(os.cpu_count() or 1)
     mlflow.set_tracking_uri(tracking_uri)
     loaded = mlflow.pyfunc.load_model(uri).unwrap_python_model()
-    model = ServedModel.build(loaded, version="1", uri=uri)  # exactly as the server prepares it
+    # exactly as the server prepares it: the same backend choice and network rewrite
+    model = ServedModel.build(loaded, version="1", uri=uri, backend=backend)
     prep = model.prep
     pixels = images.astype(np.float32) / 255.0
     batches = [
         prep.batch([prep.from_array(image) for image in pixels[start : start + batch]])
         for start in range(0, len(pixels), batch)
     ]
-    connection.send("ready")
+    connection.send(("ready", model.backend, model.backend_reason))
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference") as inference:
         for tensor in batches[:3]:
             inference.submit(model.predict_proba, tensor).result()
@@ -280,17 +302,19 @@ def bare_worker(
 
 @contextmanager
 def bare_process(
-    uri: str, tracking_uri: str, images: np.ndarray, batch: int
+    uri: str, tracking_uri: str, images: np.ndarray, batch: int, backend: Backend
 ) -> Iterator[Connection]:
     context = multiprocessing.get_context("spawn")
     ours, theirs = context.Pipe()
     process = context.Process(
-        target=bare_worker, args=(theirs, uri, tracking_uri, images, batch), name="bare"
+        target=bare_worker, args=(theirs, uri, tracking_uri, images, batch, backend), name="bare"
     )
     process.start()
     try:
-        if ours.recv() != "ready":
+        started = ours.recv()
+        if not (isinstance(started, tuple) and started[0] == "ready"):
             raise SystemExit("the bare forward pass worker did not start")
+        print(f"backend: {started[1]} ({started[2]})")
         yield ours
     finally:
         ours.send(None)
@@ -310,6 +334,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="passes over every form")
     parser.add_argument("--quick", action="store_true", help="300 images: a smoke test")
     parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
+        help="what runs the network, in the server and in the bare forward pass alike",
+    )
+    parser.add_argument(
         "--serve-arg",
         action="append",
         default=[],
@@ -326,6 +356,7 @@ def main() -> None:
         f"load average at start: {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f} "
         f"({threads} CPUs)"
     )
+    print(f"processor: {processor()}")
 
     images = make_images(args.images)
     sizes = [len(images[s : s + args.batch]) for s in range(0, len(images), args.batch)]
@@ -337,11 +368,12 @@ def main() -> None:
         env.pop("TIRE_SERVE_MODEL_URI", None)
         port = free_port()
         argv = [sys.executable, "-m", "tirelib", "serve", "--port", str(port),
-                "--model-uri", f"models:/{NAME}@production", *args.serve_arg]  # fmt: skip
+                "--model-uri", f"models:/{NAME}@production", "--backend", args.backend,
+                *args.serve_arg]  # fmt: skip
         base = f"http://{HOST}:{port}"
         stack.enter_context(server("tirelib-serve", argv, f"{base}/readyz", env, root / "state"))
         worker = stack.enter_context(
-            bare_process(registered, settings.mlflow_tracking_uri, images, args.batch)
+            bare_process(registered, settings.mlflow_tracking_uri, images, args.batch, args.backend)
         )
         urls = {f.name: f"{base}/{'v1' if f.path == ':predict' else 'v2'}/models/tire{f.path}"
                 for f in FORMS}  # fmt: skip
