@@ -48,6 +48,23 @@ def image_statistics(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return flat.mean(axis=1), flat.std(axis=1)
 
 
+def normalised_image_statistics(
+    images: np.ndarray, mean: Sequence[float], std: Sequence[float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`image_statistics` of an NCHW RGB batch normalised per channel by ``mean`` and
+    ``std``, without undoing the normalisation: the gray image is a weighted sum of the
+    normalised channels plus a constant, which moves the brightness and leaves the contrast."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected an NCHW batch of RGB images, got shape {images.shape}")
+    weights = [np.float32(luma * s) for luma, s in zip(_LUMA, std, strict=True)]
+    gray = images[:, 0] * weights[0]
+    gray += images[:, 1] * weights[1]
+    gray += images[:, 2] * weights[2]
+    flat = gray.reshape(gray.shape[0], -1)
+    offset = sum(luma * m for luma, m in zip(_LUMA, mean, strict=True))
+    return flat.mean(axis=1) + np.float32(offset), flat.std(axis=1)
+
+
 def histogram(values: Sequence[float] | np.ndarray, edges: Sequence[float]) -> list[int]:
     """Counts per bucket ``(previous edge, edge]``, plus a last bucket over the highest edge."""
     data = np.asarray(values, dtype=np.float64).ravel()

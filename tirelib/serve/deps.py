@@ -27,7 +27,7 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.convertors import CONVERTOR_TYPES, Convertor, register_url_convertor
 
-from tirelib.drift import image_statistics
+from tirelib.drift import normalised_image_statistics
 from tirelib.preprocessing import Preprocessing
 from tirelib.serve.batching import DynamicBatcher
 from tirelib.serve.config import ServeConfig
@@ -279,14 +279,11 @@ class Prepared:
 def input_statistics(prep: Preprocessing, images: torch.Tensor) -> tuple[list[float], list[float]]:
     """Brightness and contrast (:func:`tirelib.drift.image_statistics`) of a preprocessed batch.
 
-    The statistics are those of the resized pixels in [0, 1], before normalisation: the
-    normalisation is undone (one fused multiply-add over the batch), so the numbers are the
-    baseline's, computed on the same resized images at training.
+    The statistics are those of the resized pixels in [0, 1], before normalisation (computed
+    from the normalised batch, with no pass to undo it), so the numbers are the baseline's,
+    computed on the same resized images at training.
     """
-    mean = torch.tensor(prep.mean, dtype=images.dtype).view(1, -1, 1, 1)
-    std = torch.tensor(prep.std, dtype=images.dtype).view(1, -1, 1, 1)
-    pixels = torch.addcmul(mean, images, std)
-    brightness, contrast = image_statistics(pixels.numpy())
+    brightness, contrast = normalised_image_statistics(images.numpy(), prep.mean, prep.std)
     return brightness.tolist(), contrast.tolist()
 
 
