@@ -6,9 +6,10 @@ a small CNN (tirelib's ``cnn``, random weights) logged for 32 px input as traini
 (with its ONNX export and a sample of test images, so the server chooses its backend as it does
 for a trained model: ``--backend auto`` takes ONNX Runtime when its answers match PyTorch's) and
 registered in a private local stack (SeaweedFS + MLflow on free loopback ports, shared with
-``serving.py``),
-10,000 synthetic tires of 32 x 32 pixels in requests of 100, one request at a time, in these
-wire formats (every body is encoded before the clock starts):
+``serving.py``), 10,000 synthetic tires of 32 x 32 pixels in requests of 100, one request at a
+time (the server's ``--max-batch-size`` set to the request's 100 images, so that each request is
+one forward pass, as in the bare pass), in these wire formats (every body is encoded before the
+clock starts):
 
 float     TF Serving's row form ``{"instances": [<HWC floats>, ...]}``, the pixels divided by
           255 and written in full (``json.dumps`` of ``(image / 255.0).tolist()``, as TF
@@ -343,7 +344,8 @@ def main() -> None:
         "--serve-arg",
         action="append",
         default=[],
-        help="an option for tirelib serve (repeatable): --serve-arg=--max-batch-size=100",
+        help="an option for tirelib serve (repeatable, after the bench's own): "
+        "--serve-arg=--max-wait-ms=0",
     )
     args = parser.parse_args()
     if args.quick:
@@ -369,7 +371,9 @@ def main() -> None:
         port = free_port()
         argv = [sys.executable, "-m", "tirelib", "serve", "--port", str(port),
                 "--model-uri", f"models:/{NAME}@production", "--backend", args.backend,
-                *args.serve_arg]  # fmt: skip
+                # a request of 100 is one forward pass, as in the bare pass (the default, 32,
+                # would split it in four)
+                "--max-batch-size", str(args.batch), *args.serve_arg]  # fmt: skip
         base = f"http://{HOST}:{port}"
         stack.enter_context(server("tirelib-serve", argv, f"{base}/readyz", env, root / "state"))
         worker = stack.enter_context(
