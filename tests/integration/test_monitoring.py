@@ -248,7 +248,10 @@ def test_shifted_traffic_is_drift_unshifted_is_quiet_and_nothing_rolls_back_when
     tracked_env: Settings, runs: list[str], stack: Stack, slack_receiver: SlackReceiver
 ) -> None:
     settings = monitoring_settings(stack, slack_receiver, auto_rollback=False)
-    first, _ = promote(settings, runs[0])
+    first, promoted_at = promote(settings, runs[0])
+    # the counters at zero inside the judged window (it starts at the promotion): increase()
+    # needs a sample before the traffic
+    stack.wait_scrape_after(promoted_at)
     mid_grey = bucket_values(drift.BRIGHTNESS_BUCKETS, BASELINE.brightness_counts) * 2
     images = stack.exporter.traffic(brightness=mid_grey)
     stack.exporter.feedback(first, labels=60, correct=58)
