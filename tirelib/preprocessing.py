@@ -294,3 +294,11 @@ def train_transform(
 def softmax(logits: torch.Tensor) -> torch.Tensor:
     """Class probabilities in float32 (stable under AMP's float16 logits)."""
     return torch.softmax(logits.float(), dim=1)
+
+
+def softmax_rows(logits: np.ndarray) -> np.ndarray:
+    """:func:`softmax` of a float32 ``[N, classes]`` array, in numpy (a new array)."""
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    np.exp(shifted, out=shifted)
+    shifted /= shifted.sum(axis=1, keepdims=True)
+    return shifted

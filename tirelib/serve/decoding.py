@@ -191,7 +191,7 @@ class Admitted:
                 pixels[index] = array
         for group in _groups(pixels):
             arrays = [pixels[i] for i in group]
-            stacked = arrays[0][None] if len(arrays) == 1 else np.stack(arrays)
+            stacked = _stacked(arrays)
             if stacked.dtype == np.float32 and not _in_range(stacked):
                 for index in group:  # the one-image path finds the bad ones and names them
                     self._one(index, pixels[index], finished, errors)
@@ -307,6 +307,31 @@ def _groups(pixels: dict[int, np.ndarray]) -> list[list[int]]:
         array = pixels[index]
         groups.setdefault((*array.shape, array.dtype.num), []).append(index)
     return list(groups.values())
+
+
+def _stacked(arrays: list[np.ndarray]) -> np.ndarray:
+    """Same-sized images as one batch: the array they are views of, when they are its rows in
+    order (a tensor sent whole, read into one buffer), else a stacked copy. The batch is only
+    read afterwards."""
+    first = arrays[0]
+    base = first.base
+    if (
+        isinstance(base, np.ndarray)
+        and base.ndim == first.ndim + 1
+        and len(base) == len(arrays)
+        and base.dtype == first.dtype
+        and base.strides[1:] == first.strides
+    ):
+        start = base.__array_interface__["data"][0]
+        step = base.strides[0]
+        if all(
+            array.base is base
+            and array.strides == first.strides
+            and array.__array_interface__["data"][0] == start + index * step
+            for index, array in enumerate(arrays)
+        ):
+            return base
+    return first[None] if len(arrays) == 1 else np.stack(arrays)
 
 
 def _in_range(images: np.ndarray) -> bool:

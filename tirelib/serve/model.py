@@ -36,7 +36,7 @@ from torch import nn
 from tirelib import notify
 from tirelib.drift import Baseline
 from tirelib.errors import TirelibError
-from tirelib.preprocessing import Preprocessing, softmax
+from tirelib.preprocessing import Preprocessing, softmax, softmax_rows
 from tirelib.pyfunc import TireClassifier
 from tirelib.runtime import Backend, BackendError, Network, Quantize, choose_backend
 from tirelib.urls import mask_credentials
@@ -217,8 +217,9 @@ class ServedModel:
         """Class probabilities (float32, one row per image) for a preprocessed NCHW batch."""
         with torch.inference_mode():
             logits = self.network(images.to(self.device, non_blocking=True))
-            result: np.ndarray = softmax(logits).cpu().numpy()
-        return result
+            # [N, classes] is tiny: numpy, in this thread (a torch op here may wait on its
+            # thread pool or the GIL longer than it computes)
+            return softmax_rows(logits.float().cpu().numpy())
 
 
 # --------------------------------------------------------------------------- where models come from
