@@ -22,11 +22,13 @@ from tirelib.models import IMAGENET_MEAN, IMAGENET_STD, get_model
 from tirelib.preprocessing import MAX_IMAGE_PIXELS, Preprocessing, open_image
 from tirelib.pyfunc import TireClassifier
 from tirelib.serve import create_app, load_serve_config
+from tirelib.serve.binary import images_of
 from tirelib.serve.decoding import (
     SMALL_SHARE,
     DecodeGate,
     DecodeQueueFull,
     PixelLimits,
+    admit,
 )
 from tirelib.serve.inputs import Limits, to_tensor
 from tirelib.serve.model import StaticSource
@@ -294,3 +296,24 @@ def test_a_request_larger_than_the_gate_runs_alone() -> None:
             assert gate.running == 5
 
     asyncio.run(scenario())
+
+
+# --- batching a tensor's rows ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "order", [[0, 1, 2, 3], [2, 0, 3, 1], [1, 2]], ids=["whole", "shuffled", "part"]
+)
+def test_a_tensors_rows_are_batched_in_the_requests_order(order: list[int]) -> None:
+    """A tensor sent whole is batched as the array it was read into (no copy); rows in another
+    order, or only some of them, are copied in the request's order."""
+    prep = classifier().prep
+    tensor = np.random.default_rng(5).random((4, SIZE, SIZE, 3)).astype(np.float32)
+    rows = images_of(tensor, "inputs[0]")
+    located = [rows[i] for i in order]
+    config = load_serve_config()
+    budget = PixelLimits.from_config(config).budget(SIZE)
+    admitted = admit(prep, located, budget, Limits())
+    got = admitted.decode()
+    want = prep.finish_hwc(tensor[order])
+    assert torch.equal(got, want)
