@@ -50,16 +50,14 @@ import numpy as np
 import onnxruntime
 import torch
 from serving import HOST, processor, server
-from serving_cifar import FORMS, drive
+from serving_cifar import FORMS, drive, labelled_tires, logged_sample
 
 from tirelib import runtime, tracking
 from tirelib.models import get_model, get_spec
 from tirelib.preprocessing import Preprocessing
 from tirelib.pyfunc import TireClassifier, write_model_files
-from tirelib.runtime import TestSample, sample_limit
 from tirelib.serve.model import ServedModel
 from tirelib.stack import free_port
-from tirelib.synth import DEFECT_KINDS, draw_tire
 
 CLASSES = ["good", "defective"]
 FORM = next(f for f in FORMS if f.name == "v2-binary")
@@ -93,18 +91,6 @@ BACKENDS = (
 )
 
 
-def make_images(count: int, size: int, seed: int = 3) -> tuple[np.ndarray, np.ndarray]:
-    """``count`` synthetic tires (half defective), uint8 HWC, and their labels."""
-    rng = np.random.default_rng(seed)
-    images = np.empty((count, size, size, 3), dtype=np.uint8)
-    labels = np.empty(count, dtype=np.int64)
-    for i in range(count):
-        defect = None if i % 2 == 0 else DEFECT_KINDS[(i // 2) % len(DEFECT_KINDS)]
-        images[i] = np.asarray(draw_tire(rng, size, defect).convert("RGB"))
-        labels[i] = CLASSES.index("good" if defect is None else "defective")
-    return images, labels
-
-
 def save_model(case: Case, folder: Path) -> TireClassifier:
     """The model folder ``tirelib serve --model-uri`` serves; returns the classifier loaded
     back from it (the export and the sample included)."""
@@ -112,8 +98,7 @@ def save_model(case: Case, folder: Path) -> TireClassifier:
     network = get_model(case.model_type, num_classes=len(CLASSES)).eval()
     spec = get_spec(case.model_type)
     prep = Preprocessing(case.size, spec.mean, spec.std)
-    images, labels = make_images(sample_limit(case.size), case.size, seed=11)
-    sample = TestSample(np.ascontiguousarray(images.transpose(0, 3, 1, 2)), labels)
+    sample = logged_sample(case.size)
     artifacts = write_model_files(
         folder.parent / f"{folder.name}-files",
         network,
@@ -183,7 +168,7 @@ class Figures:
 def run_case(case: Case, count: int, rounds: int, root: Path) -> dict[str, Figures]:
     folder = root / f"model-{case.model_type}"
     classifier = save_model(case, folder)
-    images, _ = make_images(count, case.size)
+    images, _ = labelled_tires(count, case.size, seed=3)
     prep = classifier.prep
     batches = [
         prep.finish(torch.from_numpy(images[s : s + case.batch]).permute(0, 3, 1, 2).float() / 255)

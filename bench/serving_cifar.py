@@ -174,19 +174,25 @@ FORMS = (
 
 def make_images(count: int, seed: int = 3) -> np.ndarray:
     """``count`` synthetic tires (half defective), uint8 ``[count, 32, 32, 3]``."""
-    return _tires(count, seed)[0]
+    return labelled_tires(count, IMAGE_SIZE, seed)[0]
 
 
-def _tires(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """``count`` synthetic tires (every other one defective) and their class indices."""
+def labelled_tires(count: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` synthetic tires (every other one defective), uint8 HWC, and their labels."""
     rng = np.random.default_rng(seed)
-    images = np.empty((count, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    images = np.empty((count, size, size, 3), dtype=np.uint8)
     labels = np.empty(count, dtype=np.int64)
     for i in range(count):
         defect = None if i % 2 == 0 else DEFECT_KINDS[(i // 2) % len(DEFECT_KINDS)]
-        images[i] = np.asarray(draw_tire(rng, IMAGE_SIZE, defect).convert("RGB"))
+        images[i] = np.asarray(draw_tire(rng, size, defect).convert("RGB"))
         labels[i] = CLASSES.index("good" if defect is None else "defective")
     return images, labels
+
+
+def logged_sample(size: int) -> TestSample:
+    """The test images a logged model carries (other tires than the measured ones)."""
+    images, labels = labelled_tires(sample_limit(size), size, seed=11)
+    return TestSample(np.ascontiguousarray(images.transpose(0, 3, 1, 2)), labels)
 
 
 def register_model(settings: Settings) -> str:
@@ -199,8 +205,7 @@ def register_model(settings: Settings) -> str:
         network[-1].weight.mul_(100)  # that an answer for the wrong pixels shows in the check
     spec = get_spec(MODEL_TYPE)
     prep = Preprocessing(IMAGE_SIZE, spec.mean, spec.std)
-    images, labels = _tires(sample_limit(IMAGE_SIZE), seed=11)  # not the measured images
-    sample = TestSample(np.ascontiguousarray(images.transpose(0, 3, 1, 2)), labels)
+    sample = logged_sample(IMAGE_SIZE)
     with mlflow.start_run(run_name="bench-serving-cifar"):
         uri = tracking.log_model(
             network, model_type=MODEL_TYPE, classes=CLASSES, prep=prep, sample=sample
